@@ -1,0 +1,217 @@
+"""
+Pieces shared by every data/<name>/prepare.py: tokenizers, writing and checking the files on disk.
+
+Token datasets (stages 1 and 2) follow nanoGPT:
+    data/<name>/train.bin, val.bin   uint16 token ids, documents separated by the end-of-text token
+    data/<name>/meta.pkl             {vocab_size, tokenizer, eot_token, ...}
+Fine-tuning datasets (stage 3) are text, tokenised later with the model's own tokenizer:
+    data/<name>/{train,val,test}.jsonl   one {"prompt", "completion", "answer"} per line
+    data/<name>/meta.pkl                 {task, stop, ...}
+
+Scripts are run as modules from the repository root, e.g. `python -m data.stdlib.prepare`.
+"""
+
+import json
+import os
+import pickle
+import time
+from collections.abc import Sized
+
+import numpy as np
+import tiktoken
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+TOKENIZERS = ("bytes", "gpt2")
+EOT_TEXT = "<|endoftext|>"
+UINT16_LIMIT = 2**16  # uint16 holds ids 0 .. 65535
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def get_tokenizer(name):
+    """A tiktoken Encoding by name: "bytes" (offline, vocab 257) or "gpt2" (BPE, vocab 50257, downloads once)."""
+    if name == "bytes":
+        # every byte is its own token and nothing merges, so the split pattern only chunks the work
+        return tiktoken.Encoding(
+            name="bytes",
+            pat_str=r"\S+|\s+",
+            mergeable_ranks={bytes([i]): i for i in range(256)},
+            special_tokens={EOT_TEXT: 256},
+        )
+    if name == "gpt2":
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches the BPE ranks over the network the first time
+            raise RuntimeError(
+                f"could not load the gpt2 tokenizer ({type(e).__name__}: {e}); tiktoken downloads it once "
+                "and caches it, so this needs the network the first time. Offline, use --tokenizer bytes"
+            ) from e
+    raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZERS)}")
+
+
+def tokenize_documents(documents, enc, val_fraction, seed, max_tokens=None):
+    """
+    Encode each document and append the end-of-text token, then split whole documents (not tokens) into
+    train and val: a seeded random choice of round(val_fraction * n) documents, at least 1, goes to val.
+    Documents keep their input order within each split. Stops early once max_tokens tokens are encoded.
+    Returns (train_ids, val_ids) as np.uint16 arrays.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if enc.n_vocab > UINT16_LIMIT:
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} ids; uint16 files hold ids < {UINT16_LIMIT}")
+    total_documents = len(documents) if isinstance(documents, Sized) else None
+    encoded, num_tokens = [], 0
+    start = last_print = time.time()
+    for text in documents:
+        ids = enc.encode_ordinary(text)
+        ids.append(enc.eot_token)
+        encoded.append(np.array(ids, dtype=np.uint16))
+        num_tokens += len(ids)
+        if max_tokens is not None and num_tokens >= max_tokens:
+            break
+        if time.time() - last_print > 5:
+            last_print = time.time()
+            _print_progress(len(encoded), total_documents, num_tokens, max_tokens, last_print - start)
+    print(f"tokenized {len(encoded):,} documents into {num_tokens:,} tokens in {time.time() - start:.1f}s")
+
+    n = len(encoded)
+    if n < 2:
+        raise ValueError(f"need at least 2 documents to split into train and val, got {n}")
+    is_val = held_out_mask(n, min(max(1, round(val_fraction * n)), n - 1), seed)
+    train_ids = np.concatenate([ids for ids, v in zip(encoded, is_val) if not v])
+    val_ids = np.concatenate([ids for ids, v in zip(encoded, is_val) if v])
+    return train_ids, val_ids
+
+
+def held_out_mask(n, num_held_out, seed):
+    """A boolean mask over n items with num_held_out of them, chosen at random by seed, set."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:num_held_out]] = True
+    return mask
+
+
+def _print_progress(num_documents, total_documents, num_tokens, max_tokens, elapsed):
+    line = f"tokenized {num_documents:,}" + (f"/{total_documents:,}" if total_documents else "")
+    line += f" documents, {num_tokens:,} tokens, {num_tokens / max(elapsed, 1e-9) / 1e6:.2f}M tokens/s"
+    fraction = num_documents / total_documents if total_documents else None
+    if max_tokens:
+        fraction = max(fraction or 0, num_tokens / max_tokens)
+    if fraction:
+        line += f", ETA {elapsed * (1 - fraction) / fraction:.0f}s"
+    print(line)
+
+
+# -----------------------------------------------------------------------------
+# writing (atomically: a crash never leaves a half-written file under the final name)
+
+
+def _atomic_write(path, write, mode="wb"):
+    tmp_path = path + ".tmp"  # same folder, so os.replace is a rename
+    try:
+        with open(tmp_path, mode) as f:
+            write(f)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def write_split(path, ids):
+    """Write token ids to path as raw uint16 (nanoGPT's train.bin / val.bin)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= UINT16_LIMIT):
+        bad = ids.max() if ids.max() >= UINT16_LIMIT else ids.min()
+        raise ValueError(f"{path}: token id {bad} does not fit; uint16 holds ids 0 .. {UINT16_LIMIT - 1}")
+    _atomic_write(path, lambda f: ids.astype(np.uint16).tofile(f))
+
+
+def write_meta(out_dir, **fields):
+    """Write fields as a plain dict to out_dir/meta.pkl. Token datasets go through save_token_dataset."""
+    _atomic_write(os.path.join(out_dir, "meta.pkl"), lambda f: pickle.dump(fields, f))
+
+
+def save_token_dataset(out_dir, enc, train_ids, val_ids, **fields):
+    """Write train.bin, val.bin and meta.pkl (vocab_size, tokenizer, eot_token, then fields) and print sizes."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        path = os.path.join(out_dir, f"{split}.bin")
+        write_split(path, ids)
+        print(f"wrote {path}: {len(ids):,} tokens ({os.path.getsize(path) / 1e6:.1f} MB)")
+    write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer=enc.name, eot_token=enc.eot_token, **fields)
+    print(f"wrote {os.path.join(out_dir, 'meta.pkl')}: vocab_size {enc.n_vocab}, tokenizer {enc.name}")
+
+
+def save_pairs_dataset(out_dir, splits, task, stop, **fields):
+    """Write {split}.jsonl for each list of records in splits, and meta.pkl (task, stop, num_<split>, fields)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split, records in splits.items():
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        _atomic_write(path, lambda f: f.write(lines), mode="w")
+        print(f"wrote {path}: {len(records):,} records")
+    counts = {f"num_{split}": len(records) for split, records in splits.items()}
+    write_meta(out_dir, task=task, stop=stop, **counts, **fields)
+    print(f"wrote {os.path.join(out_dir, 'meta.pkl')}: task {task}, stop {stop!r}")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# reading back, with errors that say how to make the missing files
+
+
+def prepare_command(data_dir, name=None):
+    """The command that (re)creates data_dir, e.g. 'python -m data.stdlib.prepare'. name defaults to the folder's."""
+    from data.hf.prepare import CORPORA  # the web corpora share one script
+
+    name = name or os.path.basename(os.path.normpath(data_dir))
+    command = f"python -m data.hf.prepare --dataset {name}" if name in CORPORA else f"python -m data.{name}.prepare"
+    if os.path.abspath(data_dir) != os.path.join(DATA_DIR, name):
+        command += f" --out_dir {data_dir}"
+    return command
+
+
+def load_meta(data_dir, name=None):
+    path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:
+        raise ValueError(f"{path} is unreadable ({e}); run: {prepare_command(data_dir, name)}") from e
+
+
+def check_prepared(data_dir, name=None):
+    """Check that train.bin, val.bin and meta.pkl exist and look whole; return the meta dict."""
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
+        size = os.path.getsize(path)
+        if size == 0 or size % 2:
+            raise ValueError(f"{path} is truncated ({size} bytes); run: {prepare_command(data_dir, name)}")
+    meta = load_meta(data_dir, name)
+    missing = {"vocab_size", "tokenizer", "eot_token"} - meta.keys()
+    if missing:
+        raise ValueError(f"{data_dir}/meta.pkl lacks {sorted(missing)}; run: {prepare_command(data_dir, name)}")
+    return meta
+
+
+def load_pairs(data_dir, split, name=None):
+    """The fine-tuning records of one split ("train", "val" or "test") as a list of dicts."""
+    path = os.path.join(data_dir, f"{split}.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
+    return read_jsonl(path)
+
+
+def extract_answer(completion, stop):
+    """The answer a completion gives: its text up to the stop string, after the last '####' if any (GSM8K)."""
+    text = completion.split(stop)[0]
+    return text.split("####")[-1].strip().replace(",", "")

@@ -1,0 +1,503 @@
+"""
+The NCA data engine: random neural cellular automata -> token sequences for pre-pre-training.
+
+Every training sequence is rolled out from its own randomly drawn rule, so predicting the next token means
+inferring that hidden rule in context. Read this file top to bottom:
+
+  1. NCAConfig         the knobs (grid, alphabet, patch size, temperature, gzip band ...), checked up front
+  2. random numbers    counter-based: a rule is a pure function of its seed, whatever batch it is drawn in
+  3. rules             a tiny random conv net per rule, simulated for thousands of rules in one tensor program
+  4. tokens            2x2 patches -> one id each, every frame wrapped in START ... END
+  5. gzip filter       keep rules whose rollouts compress neither too well (dead) nor too badly (noise)
+  6. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full
+  7. command line      a picture of rollouts, gzip statistics and a throughput benchmark
+
+Examples:
+  python nca.py                       # demo: writes nca_demo.png (rollouts by gzip band + histogram), prints speed
+  python nca.py --stats 2000          # gzip-ratio deciles and acceptance rate of 2000 random rules
+  python nca.py --bench               # filtered training tokens per second at the paper's settings
+  python nca.py --num_colors 4 --band 0.25 1.0 --stats 2000   # another alphabet needs another band
+"""
+import argparse
+import functools
+import math
+import time
+import zlib
+from dataclasses import dataclass, asdict, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class NCAConfig:
+    grid: int = 12                 # the grid is grid x grid cells on a torus
+    num_colors: int = 10           # alphabet size C: every cell holds one of C states
+    patch: int = 2                 # frames are cut into patch x patch tiles, one token each
+    temperature: float = 1e-4      # sampling temperature of the update (1e-4: practically argmax; 0: exactly argmax)
+    identity_bias: float = 0.0     # added to the logit of a cell's current state (a bias towards staying put)
+    burn_in: int = 10              # updates run and discarded before the first recorded frame
+    dT: int = 1                    # updates between two recorded frames
+    band_lo: float = 0.5           # keep a rule when band_lo < gzip ratio < band_hi
+    band_hi: float = 1.0
+    score_frames: int = 10         # frames used to compute a rule's gzip ratio
+
+    @property
+    def patches_per_frame(self):
+        return (self.grid // self.patch) ** 2
+
+    @property
+    def frame_len(self):  # tokens per frame: START, the patches, END
+        return self.patches_per_frame + 2
+
+    @property
+    def start_token(self):
+        return self.num_colors ** (self.patch * self.patch)
+
+    @property
+    def end_token(self):
+        return self.start_token + 1
+
+    @property
+    def vocab_size(self):
+        return self.start_token + 2
+
+    def validate(self):
+        """Stop with a message that names the flag and the fix, before any work is done."""
+        def fail(flag, msg):
+            raise ValueError(f"--{flag}: {msg}")
+        for name in ("grid", "num_colors", "patch", "dT", "score_frames"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.num_colors < 2:
+            fail("num_colors", f"an alphabet needs at least 2 states, got {self.num_colors}")
+        if self.grid % self.patch != 0:
+            fail("patch", f"the grid ({self.grid}) must be divisible by the patch size ({self.patch}); "
+                          f"try --patch {max(d for d in range(1, self.patch + 1) if self.grid % d == 0)}")
+        if self.burn_in < 0:
+            fail("burn_in", f"must be >= 0, got {self.burn_in}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            fail("temperature", f"must be a finite number >= 0 (0 means argmax), got {self.temperature}")
+        if not (0.0 <= self.band_lo < self.band_hi <= 1.0):
+            fail("band", f"need 0 <= lo < hi <= 1, got ({self.band_lo}, {self.band_hi}); the paper uses 0.5 1.0")
+        if self.vocab_size > MAX_VOCAB:
+            fail("num_colors", f"num_colors**(patch*patch) + 2 = {self.vocab_size:,} token ids is more than a model "
+                               f"embedding can hold here (max {MAX_VOCAB:,}); use fewer colours or a smaller patch")
+        return self
+
+
+MAX_VOCAB = 2 ** 16  # token ids must fit the uint16 format the rest of the pipeline uses
+
+# -----------------------------------------------------------------------------
+# 2. Counter-based random numbers
+# The k-th random number of a rule is a hash of (rule seed, k). So a rule, or a rollout, is a pure function of its
+# seeds: the same seed gives the same rule alone or in a batch of 4096, and a fixed pool of rules is just a list of
+# integers. All arithmetic is on int64 tensors holding 32-bit values, so it runs batched on CPU and GPU alike.
+
+MASK32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """The 'lowbias32' integer hash (C. Wellons): a bijection on 32-bit integers with strong avalanche."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32  # the product may wrap around int64; its low 32 bits are still exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def random_uniform(seed, *counters):
+    """Floats in (0, 1), a pure function of seed and counters (int64 tensors or ints, broadcast together)."""
+    h = hash32(torch.as_tensor(seed))
+    for c in counters:
+        h = hash32(h ^ c)
+    return ((h >> 8).float() + 0.5) / 2 ** 24  # the top 24 bits: exact in float32, never 0 or 1
+
+
+def random_normal(seed, stream, n):
+    """n standard normals per seed (Box-Muller), shape (len(seed), n)."""
+    k = torch.arange(n, device=seed.device)
+    u1 = random_uniform(seed[:, None], stream, 2 * k)
+    u2 = random_uniform(seed[:, None], stream, 2 * k + 1)
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+# Streams: independent sequences of random numbers drawn from one seed.
+RULE_WEIGHTS, GRID_LOGITS, GRID_CELLS, UPDATE_NOISE = 1, 2, 3, 4
+
+# -----------------------------------------------------------------------------
+# 3. Rules and their simulation
+# A rule is a per-cell network on the one-hot grid: conv3x3 C->4 (circular padding), conv1x1 4->16, ReLU,
+# conv1x1 16->C logits; weights LeCun-normal (std 1/sqrt(fan_in)), biases zero (614 parameters for C=10).
+# Biases start at zero and rules are never trained, so we leave them out.
+# Because the input is one-hot, the 3x3 convolution is a table lookup: each of the 9 neighbours contributes the
+# 4 numbers W1[:, state, ky, kx]. So we store W1 as a table (9 * C rows of 4) and sum 9 looked-up rows per cell.
+
+HIDDEN1, HIDDEN2 = 4, 16
+
+
+def sample_rules(rule_seeds, num_colors):
+    """Rule weights for a batch of seeds (R,) -> dict of lookup table (R, 9*C, 4), w2 (R, 16, 4), w3 (R, C, 16)."""
+    C, R = num_colors, len(rule_seeds)
+    n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
+    z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)
+    w1 = z[:, :n1].view(R, HIDDEN1, C, 3, 3) / math.sqrt(C * 9)                 # conv layout (out, in, ky, kx)
+    w2 = z[:, n1:n1 + n2].view(R, HIDDEN2, HIDDEN1) / math.sqrt(HIDDEN1)         # (out, in)
+    w3 = z[:, n1 + n2:].view(R, C, HIDDEN2) / math.sqrt(HIDDEN2)
+    table = w1.permute(0, 3, 4, 2, 1).reshape(R, 9 * C, HIDDEN1)               # row (ky*3 + kx)*C + state
+    return {"table": table.contiguous(), "w2": w2, "w3": w3}
+
+
+@functools.lru_cache(maxsize=8)
+def neighbour_index(grid, device):
+    """(H*W, 9): the flat index of each cell's 9 neighbours on the torus, in the 3x3 kernel's (ky, kx) order.
+    Neighbour (dy, dx) of cell (y, x) is cell (y+dy, x+dx): the cross-correlation order of conv2d."""
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    index = [((y + dy) % grid) * grid + (x + dx) % grid for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return torch.stack(index, dim=-1).view(grid * grid, 9).to(device)
+
+
+def rule_logits(grid, rules, num_colors):
+    """Next-state logits of every cell: (R, H, W) states -> (R, C, H*W). Channels first: the reductions over C
+    below then run over contiguous rows of H*W cells, several times faster on CPU than over a last axis of 10."""
+    R, H, W = grid.shape
+    C = num_colors
+    neighbours = grid.view(R, H * W)[:, neighbour_index(H, grid.device)]          # (R, H*W, 9) states
+    table_row = torch.arange(9, device=grid.device) * C + torch.arange(R, device=grid.device).view(R, 1, 1) * 9 * C
+    rows = (neighbours + table_row).view(R * H * W, 9)                            # rows of the stacked tables
+    h = F.embedding_bag(rows, rules["table"].view(R * 9 * C, HIDDEN1), mode="sum")  # (R*H*W, 4): the conv3x3
+    h = torch.relu(torch.bmm(rules["w2"], h.view(R, H * W, HIDDEN1).transpose(1, 2)))  # (R, 16, H*W)
+    return torch.bmm(rules["w3"], h)                                                 # (R, C, H*W)
+
+
+def sample_categorical(logits, u, temperature):
+    """Sample from softmax(logits / temperature) along dim 1 by inverse CDF, one uniform u per cell.
+    logits (R, C, N), u (R, N) -> states (R, N). temperature 0 is its limit: uniform over the maximal states."""
+    best = logits.amax(dim=1, keepdim=True)
+    if temperature == 0:
+        weights = (logits == best).float()
+    else:
+        # states more than 30 nats below the best get weight e^-30 ~ 1e-13, far below what a 24-bit u resolves;
+        # the clamp only avoids exp's slow underflow path (at T=1e-4 most logit gaps are thousands of nats)
+        weights = torch.exp(((logits - best) / temperature).clamp_min(-30.0))
+    cdf = weights.cumsum(dim=1)                                                   # (R, C, N)
+    return (cdf < u[:, None, :] * cdf[:, -1:, :]).sum(dim=1).clamp_max(logits.shape[1] - 1)
+
+
+def initial_grids(grid_seeds, cfg):
+    """One logit vector z ~ N(0, I_C) per rollout; every cell samples its state from softmax(z). -> (R, H, W)"""
+    z = random_normal(grid_seeds, GRID_LOGITS, cfg.num_colors)                   # (R, C)
+    cells = torch.arange(cfg.grid * cfg.grid, device=grid_seeds.device)
+    u = random_uniform(grid_seeds[:, None], GRID_CELLS, cells)                   # (R, H*W)
+    grid = sample_categorical(z[:, :, None].expand(-1, -1, len(cells)), u, temperature=1.0)
+    return grid.view(-1, cfg.grid, cfg.grid)
+
+
+def step(grid, rules, noise_seeds, t, cfg):
+    """One synchronous update of every cell of every grid: sample (logits + bias * onehot(state)) / temperature."""
+    R, H, W = grid.shape
+    logits = rule_logits(grid, rules, cfg.num_colors)
+    if cfg.identity_bias:
+        logits = logits + cfg.identity_bias * F.one_hot(grid.view(R, H * W), cfg.num_colors).transpose(1, 2)
+    cells = torch.arange(H * W, device=grid.device)
+    u = random_uniform(noise_seeds[:, None], UPDATE_NOISE, t, cells)             # (R, H*W), fresh for every step t
+    return sample_categorical(logits, u, cfg.temperature).view(R, H, W)
+
+
+def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
+    """Run `skip` updates, then record num_frames frames cfg.dT updates apart.
+    Returns frames (R, F, H, W), the grid after the last recorded frame, and the new time t (to continue later)."""
+    for _ in range(skip):
+        grid = step(grid, rules, noise_seeds, t, cfg)
+        t += 1
+    frames = []
+    for i in range(num_frames):
+        if i > 0:
+            for _ in range(cfg.dT):
+                grid = step(grid, rules, noise_seeds, t, cfg)
+                t += 1
+        frames.append(grid)
+    return torch.stack(frames, dim=1), grid, t
+
+
+# -----------------------------------------------------------------------------
+# 4. Tokens
+# A frame is cut into p x p patches in row-major order; a patch's cells, read row-major, are the digits of its id
+# in base C (top-left is the least significant). Every frame becomes [START, patch ids..., END].
+
+def patch_ids(frames, cfg):
+    """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters."""
+    *lead, H, W = frames.shape
+    p, n = cfg.patch, cfg.grid // cfg.patch
+    tiles = frames.reshape(*lead, n, p, n, p).transpose(-3, -2)                   # (..., n, n, p, p)
+    digits = tiles.reshape(*lead, n * n, p * p)
+    powers = cfg.num_colors ** torch.arange(p * p, device=frames.device)
+    return (digits * powers).sum(dim=-1)
+
+
+def encode(frames, cfg):
+    """Frames (R, F, H, W) -> token ids (R, F * frame_len): every frame is [START, patches, END]."""
+    ids = patch_ids(frames, cfg)                                                  # (R, F, P)
+    start = torch.full_like(ids[..., :1], cfg.start_token)
+    end = torch.full_like(ids[..., :1], cfg.end_token)
+    return torch.cat([start, ids, end], dim=-1).flatten(1)
+
+
+def decode(tokens, cfg):
+    """The exact inverse of encode: token ids (R, F * frame_len) -> frames (R, F, H, W)."""
+    R = tokens.shape[0]
+    p, n = cfg.patch, cfg.grid // cfg.patch
+    framed = tokens.view(R, -1, cfg.frame_len)
+    if not ((framed[..., 0] == cfg.start_token).all() and (framed[..., -1] == cfg.end_token).all()):
+        raise ValueError("decode: tokens are not whole frames of [START, patches, END]")
+    ids = framed[..., 1:-1]                                                       # (R, F, P)
+    powers = cfg.num_colors ** torch.arange(p * p, device=tokens.device)
+    digits = (ids[..., None] // powers) % cfg.num_colors                          # (R, F, P, p*p)
+    tiles = digits.view(R, -1, n, n, p, p).transpose(-3, -2)                      # (R, F, n, p, n, p)
+    return tiles.reshape(R, -1, cfg.grid, cfg.grid)
+
+
+# -----------------------------------------------------------------------------
+# 5. The gzip complexity filter
+# Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32,
+# gzip level 9 with its 10-byte header and 8-byte trailer. zlib's output carries a 2-byte header and 4-byte trailer
+# instead, so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module.
+
+def gzip_ratio(ids):
+    """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
+    rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
+    return np.array([(len(zlib.compress(row.tobytes(), 9)) + 12) / row.nbytes for row in rows])
+
+
+def score_rules(rule_seeds, grid_seeds, cfg):
+    """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time) so an accepted
+    rule's rollout can continue where scoring stopped."""
+    rules = sample_rules(rule_seeds, cfg.num_colors)
+    grid = initial_grids(grid_seeds, cfg)
+    frames, grid, t = rollout(grid, rules, grid_seeds, 0, cfg.score_frames, cfg, skip=cfg.burn_in)
+    return gzip_ratio(patch_ids(frames, cfg)), frames, grid, t, rules
+
+
+def in_band(ratios, cfg):
+    return (ratios > cfg.band_lo) & (ratios < cfg.band_hi)
+
+
+# -----------------------------------------------------------------------------
+# 6. Training batches
+
+def select_rules(rules, keep):
+    return {k: v[keep] for k, v in rules.items()}
+
+
+class NCAStream:
+    """An endless stream of (x, y) batches of shape (batch_size, seq_len) of NCA token sequences.
+
+    Every sequence comes from its own rule and initial grid. With num_rules=0 (default) every sequence gets a fresh
+    rule that passed the gzip band; with num_rules=N a pool of N filtered rules is drawn once and then reused with
+    fresh initial grids, epoch after epoch (the paper reused 16,000 rules for 10 epochs).
+    y is x shifted by one; the first frame's targets are -1 (ignored by the loss): nothing to infer a rule from yet.
+    """
+
+    def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=512,
+                 max_rejected=20_000):
+        cfg.validate()
+        if seq_len < cfg.frame_len:
+            raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame "
+                             f"({cfg.frame_len} tokens), so every target would be masked; use at least "
+                             f"{2 * cfg.frame_len}")
+        self.cfg, self.batch_size, self.seq_len = cfg, batch_size, seq_len
+        self.device, self.chunk, self.max_rejected = torch.device(device), chunk, max_rejected
+        self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
+        # seeds of rules and grids come from one generator: the stream is a pure function of `seed`
+        self.seeds = torch.Generator().manual_seed(seed)
+        self.tried = self.accepted = 0
+        self.buffer = []  # accepted sequences not yet handed out, so no simulated rule is wasted
+        self.pool = self.filter_rules(num_rules) if num_rules else None
+        self.pool_order, self.pool_pos = None, 0
+
+    def draw_seeds(self, n):
+        return torch.randint(0, 2 ** 31, (n,), generator=self.seeds).to(self.device)
+
+    def filter_rules(self, n):
+        """Rejection-sample n rule seeds whose gzip ratio is in the band."""
+        kept = []
+        while sum(map(len, kept)) < n:
+            rule_seeds = self.draw_seeds(self.chunk)
+            ratios = score_rules(rule_seeds, self.draw_seeds(self.chunk), self.cfg)[0]
+            kept.append(rule_seeds[torch.from_numpy(self.count(ratios)).to(self.device)])
+        return torch.cat(kept)[:n]
+
+    def count(self, ratios):
+        """Book-keeping of the acceptance rate, and the guard against a band that accepts nothing."""
+        keep = in_band(ratios, self.cfg)
+        self.tried += len(keep)
+        self.accepted += int(keep.sum())
+        if self.accepted == 0 and self.tried >= self.max_rejected:
+            raise RuntimeError(
+                f"--band ({self.cfg.band_lo}, {self.cfg.band_hi}) accepted none of {self.tried:,} random rules "
+                f"(ratios ranged {ratios.min():.3f}..{ratios.max():.3f} in the last chunk); widen the band, or see "
+                f"the distribution with: python nca.py --num_colors {self.cfg.num_colors} --stats 2000")
+        return keep
+
+    def fresh_sequences(self):
+        """Draw a chunk of new rules, score them, continue only the accepted ones to full length."""
+        rule_seeds, grid_seeds = self.draw_seeds(self.chunk), self.draw_seeds(self.chunk)
+        ratios, frames, grid, t, rules = score_rules(rule_seeds, grid_seeds, self.cfg)
+        keep = torch.from_numpy(self.count(ratios)).to(self.device)
+        more = self.num_frames - self.cfg.score_frames
+        if more > 0 and keep.any():
+            rest, _, _ = rollout(grid[keep], select_rules(rules, keep), grid_seeds[keep], t, more + 1, self.cfg)
+            return torch.cat([frames[keep], rest[:, 1:]], dim=1)  # rest[:, 0] repeats the last scoring frame
+        return frames[keep]
+
+    def pool_sequences(self):
+        """The next chunk of pool rules (a new random order every epoch) with fresh initial grids."""
+        if self.pool_order is None or self.pool_pos >= len(self.pool):
+            self.pool_order = torch.randperm(len(self.pool), generator=self.seeds).to(self.device)
+            self.pool_pos = 0
+        rule_seeds = self.pool[self.pool_order[self.pool_pos:self.pool_pos + self.chunk]]
+        self.pool_pos += len(rule_seeds)
+        grid_seeds = self.draw_seeds(len(rule_seeds))
+        rules = sample_rules(rule_seeds, self.cfg.num_colors)
+        grid = initial_grids(grid_seeds, self.cfg)
+        return rollout(grid, rules, grid_seeds, 0, self.num_frames, self.cfg, skip=self.cfg.burn_in)[0]
+
+    def next_batch(self):
+        n = sum(map(len, self.buffer))
+        while n < self.batch_size:
+            frames = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
+            if len(frames):
+                self.buffer.append(encode(frames, self.cfg)[:, :self.seq_len + 1])
+                n += len(frames)
+        sequences = torch.cat(self.buffer)
+        batch, rest = sequences[:self.batch_size], sequences[self.batch_size:]
+        self.buffer = [rest] if len(rest) else []
+        x, y = batch[:, :-1].clone(), batch[:, 1:].clone()
+        y[:, :self.cfg.frame_len - 1] = -1  # targets inside the first frame: masked
+        return x, y
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line: demo picture, statistics, benchmark
+
+def random_ratios(cfg, n, seed=0, device="cpu", chunk=512):
+    """gzip ratios of n random (unfiltered) rules."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        rule_seeds, grid_seeds = (torch.randint(0, 2 ** 31, (m,), generator=g).to(device) for _ in range(2))
+        out.append(score_rules(rule_seeds, grid_seeds, cfg)[0])
+    return np.concatenate(out)
+
+
+def print_stats(cfg, n, device):
+    ratios = random_ratios(cfg, n, device=device)
+    deciles = np.quantile(ratios, np.linspace(0, 1, 11))
+    print("gzip_deciles: " + " ".join(f"{d:.3f}" for d in deciles))
+    print(f"accept_rate: {in_band(ratios, cfg).mean():.3f} (band {cfg.band_lo} < ratio < {cfg.band_hi}, "
+          f"{n} rules, mean ratio {ratios.mean():.3f})")
+
+
+def bench(cfg, device, batch_size=64, seq_len=1024, seconds=10.0):
+    """Filtered training tokens per second: everything the training loop would wait for, gzip included."""
+    stream = NCAStream(cfg, batch_size, seq_len, seed=0, device=device)
+    stream.next_batch()  # warm up
+    tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, _ = stream.next_batch()
+        tokens += x.numel()
+    dt = time.perf_counter() - t0
+    print(f"{tokens:,} tokens in {dt:.1f}s, acceptance {stream.accepted / stream.tried:.2f} "
+          f"({stream.tried:,} rules tried), device {device}, {torch.get_num_threads()} threads")
+    print(f"tokens_per_s={tokens / dt:.0f}")
+
+
+def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
+    """A picture a newcomer looks at first: what low, middle and high gzip ratios look like."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(0)
+    rule_seeds, grid_seeds = (torch.randint(0, 2 ** 31, (num_rules,), generator=g).to(device) for _ in range(2))
+    t0 = time.perf_counter()
+    ratios, frames, _, _, _ = score_rules(rule_seeds, grid_seeds, cfg)
+    dt = time.perf_counter() - t0
+    print(f"simulated and scored {num_rules} rules x {cfg.burn_in + cfg.score_frames} steps in {dt:.2f}s "
+          f"({num_rules * cfg.score_frames * cfg.frame_len / dt:,.0f} raw tokens/s)")
+    bands = [("low", 0.0, 0.3), ("middle", 0.3, 0.5), ("high (paper's band)", 0.5, 1.0)]
+    fig, axes = plt.subplots(len(bands) * 2 + 1, frames_shown, figsize=(1.6 * frames_shown, 2.0 * (len(bands) * 2 + 1)))
+    row = 0
+    for name, lo, hi in bands:
+        picks = np.flatnonzero((ratios > lo) & (ratios < hi))[:2]
+        for k in range(2):
+            for j in range(frames_shown):
+                ax = axes[row, j]
+                ax.axis("off")
+                if k < len(picks):
+                    ax.imshow(frames[picks[k], j].cpu(), cmap="tab10", vmin=0, vmax=max(cfg.num_colors - 1, 9))
+                    if j == 0:
+                        ax.set_title(f"{name}: gzip {ratios[picks[k]]:.2f}", fontsize=8, loc="left")
+            row += 1
+    for ax in axes[row]:
+        ax.remove()
+    hist = fig.add_subplot(len(bands) * 2 + 1, 1, len(bands) * 2 + 1)
+    hist.hist(ratios, bins=50, color="gray")
+    for edge in (cfg.band_lo, cfg.band_hi):
+        hist.axvline(edge, color="red", linestyle="--")
+    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {in_band(ratios, cfg).mean():.0%} accepted)")
+    fig.suptitle(f"NCA rollouts, {cfg.grid}x{cfg.grid}, {cfg.num_colors} colours; frames left to right, dT={cfg.dT}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def add_config_flags(parser):
+    """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
+    for f in fields(NCAConfig):
+        if f.name in ("band_lo", "band_hi"):
+            continue
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
+                        metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
+
+
+def config_from_args(args):
+    kw = {f.name: getattr(args, f.name) for f in fields(NCAConfig) if f.name not in ("band_lo", "band_hi")}
+    return NCAConfig(**kw, band_lo=args.band[0], band_hi=args.band[1]).validate()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    parser.add_argument("--stats", type=int, default=0, metavar="N", help="print gzip deciles of N random rules")
+    parser.add_argument("--bench", action="store_true", help="print filtered training tokens/s (paper settings)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="nca_demo.png", help="where the demo writes its picture")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    print("config:", asdict(cfg))
+    if args.stats:
+        print_stats(cfg, args.stats, args.device)
+    elif args.bench:
+        bench(cfg, args.device)
+    else:
+        demo(cfg, args.device, out=args.out)
+        bench(cfg, args.device, seconds=5.0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""
+Smoke tests: CPU only, tiny configs, seconds each. Run: python -m pytest -q test_smoke.py
+Sections: nca.py, model.py, data/, train.py.
+"""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+# =============================================================================
+# nca.py: the NCA data engine
+
+import gzip as gzip_module
+import zlib
+
+import nca
+from nca import NCAConfig, NCAStream
+
+
+def test_token_ids_of_a_hand_built_grid_match_the_formula():
+    cfg = NCAConfig(grid=4, num_colors=10, patch=2)
+    grid = torch.tensor([[1, 2, 3, 4],
+                         [5, 6, 7, 8],
+                         [9, 0, 1, 2],
+                         [3, 4, 5, 6]])
+    ids = nca.encode(grid.view(1, 1, 4, 4), cfg)[0].tolist()
+    # patches row-major; within a patch: top-left * C^0 + top-right * C^1 + bottom-left * C^2 + bottom-right * C^3
+    assert ids == [10000, 1 + 2 * 10 + 5 * 100 + 6 * 1000, 3 + 4 * 10 + 7 * 100 + 8 * 1000,
+                   9 + 0 * 10 + 3 * 100 + 4 * 1000, 1 + 2 * 10 + 5 * 100 + 6 * 1000, 10001]
+    assert cfg.vocab_size == 10002 and NCAConfig().frame_len == 38
+
+
+def test_rollout_shapes_id_bounds_and_round_trip():
+    cfg = NCAConfig(grid=6, num_colors=3, patch=3)
+    seeds = torch.arange(5)
+    frames, grid, t = nca.rollout(nca.initial_grids(seeds, cfg), nca.sample_rules(seeds, cfg.num_colors), seeds,
+                                  0, 7, cfg, skip=cfg.burn_in)
+    assert frames.shape == (5, 7, 6, 6) and t == cfg.burn_in + 6
+    assert torch.equal(grid, frames[:, -1])
+    tokens = nca.encode(frames, cfg)
+    assert tokens.shape == (5, 7 * cfg.frame_len)
+    assert tokens.min() >= 0 and tokens.max() < cfg.vocab_size
+    assert torch.equal(nca.decode(tokens, cfg), frames)
+    random_frames = torch.randint(0, 3, (4, 2, 6, 6))
+    assert torch.equal(nca.decode(nca.encode(random_frames, cfg), cfg), random_frames)
+
+
+def test_lookup_simulation_equals_the_convolutional_rule():
+    """The table lookup + bmm must compute exactly conv3x3 (circular) -> conv1x1 -> ReLU -> conv1x1."""
+    cfg = NCAConfig(grid=8, num_colors=5)
+    seeds = torch.tensor([3, 14, 159])
+    rules = nca.sample_rules(seeds, cfg.num_colors)
+    grid = nca.initial_grids(seeds + 100, cfg)
+    logits = nca.rule_logits(grid, rules, cfg.num_colors)                         # (R, C, H*W)
+    C = cfg.num_colors
+    for r in range(len(seeds)):
+        w1 = rules["table"][r].view(3, 3, C, nca.HIDDEN1).permute(3, 2, 0, 1)      # back to (out, in, ky, kx)
+        x = F.one_hot(grid[r], C).permute(2, 0, 1).float()[None]                   # (1, C, H, W)
+        h = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w1)
+        h = torch.relu(F.conv2d(h, rules["w2"][r][:, :, None, None]))
+        expected = F.conv2d(h, rules["w3"][r][:, :, None, None]).view(C, -1)
+        torch.testing.assert_close(logits[r], expected, rtol=1e-5, atol=1e-5)
+    n_params = sum(v[0].numel() for v in nca.sample_rules(seeds, 10).values()) + 4 + 16 + 10  # + zero biases
+    assert n_params == 614
+
+
+def test_rule_weights_are_lecun_normal():
+    rules = nca.sample_rules(torch.arange(2000), 10)
+    for name, fan_in in (("table", 90), ("w2", 4), ("w3", 16)):
+        w = rules[name]
+        assert abs(w.mean().item()) < 0.01
+        assert abs(w.std().item() * math.sqrt(fan_in) - 1) < 0.02, name
+
+
+def test_same_seed_same_rule_and_rollout_whatever_the_batch():
+    cfg = NCAConfig(grid=6, num_colors=4)
+    alone = nca.sample_rules(torch.tensor([42]), 4)
+    in_batch = nca.sample_rules(torch.tensor([7, 42, 9]), 4)
+    for k in alone:
+        assert torch.equal(alone[k][0], in_batch[k][1])
+    other = nca.sample_rules(torch.tensor([43]), 4)
+    assert not torch.equal(alone["table"], other["table"])
+    a = NCAStream(cfg, batch_size=4, seq_len=64, seed=5, chunk=16).next_batch()
+    b = NCAStream(cfg, batch_size=4, seq_len=64, seed=5, chunk=16).next_batch()
+    c = NCAStream(cfg, batch_size=4, seq_len=64, seed=6, chunk=16).next_batch()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_temperature_zero_is_argmax_and_tiny_temperature_is_nearly():
+    cfg0, cfg = NCAConfig(grid=8, temperature=0.0), NCAConfig(grid=8)
+    seeds = torch.arange(64)
+    rules, grid = nca.sample_rules(seeds, 10), nca.initial_grids(seeds, cfg)
+    argmax = nca.rule_logits(grid, rules, 10).argmax(dim=1).view_as(grid)
+    assert torch.equal(nca.step(grid, rules, seeds, 0, cfg0), argmax)
+    assert (nca.step(grid, rules, seeds, 0, cfg) == argmax).float().mean() > 0.99
+    hot = NCAConfig(grid=8, temperature=100.0)  # nearly uniform: the noise must show
+    assert (nca.step(grid, rules, seeds, 0, hot) == argmax).float().mean() < 0.5
+
+
+def test_gzip_ratio_is_the_gzip_module_definition():
+    ids = torch.randint(0, 10000, (3, 10, 36))
+    ids[1] = 7  # a dead rule: compresses to almost nothing
+    ratios = nca.gzip_ratio(ids)
+    for r in range(3):
+        raw = ids[r].numpy().astype("<i4").tobytes()
+        assert len(raw) == 1440
+        assert ratios[r] == len(gzip_module.compress(raw, compresslevel=9)) / len(raw)
+    assert ratios[1] < 0.05 < ratios[0]
+
+
+def test_stream_batches_mask_the_first_frame_and_respect_the_band():
+    cfg = NCAConfig(grid=12, num_colors=10)
+    stream = NCAStream(cfg, batch_size=6, seq_len=400, seed=0, chunk=32)
+    x, y = stream.next_batch()
+    n = cfg.frame_len
+    assert x.shape == y.shape == (6, 400)
+    assert torch.equal(x[:, n:], y[:, n - 1:-1])                  # y is x shifted by one ...
+    assert (y[:, :n - 1] == -1).all()                             # ... but the first frame's targets are masked
+    assert (y[:, n - 1:] >= 0).all()                              # everything after, delimiters too, is predicted
+    assert (y[:, n - 1] == cfg.start_token).all()                 # the second frame's START is the first target
+    assert (x[:, 0] == cfg.start_token).all() and (x[:, n - 1] == cfg.end_token).all()
+    # the sequence's first frames are the very frames the rule was scored on: re-score them from the tokens
+    tokens = torch.cat([x, y[:, -1:]], dim=1)[:, :cfg.score_frames * n]
+    ratios = nca.gzip_ratio(nca.patch_ids(nca.decode(tokens, cfg), cfg))
+    assert ((ratios > cfg.band_lo) & (ratios < cfg.band_hi)).all()
+    assert 0 < stream.accepted < stream.tried
+
+
+def test_stream_pool_reuses_its_rules_with_fresh_grids():
+    cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
+    stream = NCAStream(cfg, batch_size=8, seq_len=40, seed=0, num_rules=3, chunk=16)
+    assert len(stream.pool) == 3
+    first = nca.sample_rules(stream.pool, 4)
+    seen = set(stream.pool.tolist())
+    x, _ = stream.next_batch()
+    assert x.shape == (8, 40) and stream.tried == 16  # no new rules were drawn after the pool
+    assert len(seen) == 3 and torch.equal(nca.sample_rules(stream.pool, 4)["table"], first["table"])
+
+
+def test_bad_arguments_fail_fast_with_a_message():
+    cases = [(dict(grid=10, patch=3), "--patch"), (dict(band_lo=0.6, band_hi=0.5), "--band"),
+             (dict(band_hi=1.5), "--band"), (dict(num_colors=1), "--num_colors"),
+             (dict(num_colors=10, patch=3), "--num_colors"), (dict(temperature=-1.0), "--temperature")]
+    for kwargs, flag in cases:
+        with pytest.raises(ValueError, match=flag):
+            NCAConfig(**kwargs).validate()
+    with pytest.raises(ValueError, match="--block_size"):
+        NCAStream(NCAConfig(), batch_size=2, seq_len=20)
+    narrow = NCAConfig(grid=6, num_colors=4, band_lo=0.999, band_hi=1.0)
+    with pytest.raises(RuntimeError, match="accepted none"):
+        NCAStream(narrow, batch_size=2, seq_len=64, chunk=64, max_rejected=256).next_batch()
+
+
+def test_command_line_stats_prints_deciles_and_acceptance(capsys):
+    nca.main(["--stats", "64", "--grid", "6", "--num_colors", "4", "--band", "0.2", "0.9"])
+    out = capsys.readouterr().out
+    deciles = [float(v) for v in out.split("gzip_deciles:")[1].split("\n")[0].split()]
+    assert len(deciles) == 11 and deciles == sorted(deciles)
+    assert 0 <= float(out.split("accept_rate:")[1].split()[0]) <= 1
+    with pytest.raises(SystemExit):
+        nca.main(["--grid", "7"])  # argparse error: the patch does not divide the grid
+
+
+# =============================================================================
+# model.py
+
+from model import GPT, GROUPS, ModelConfig, param_group, transfer
+
+TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**{**TINY, **overrides}))
+
+
+def random_batch(vocab_size=64, B=2, T=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (B, T), generator=g)
+    targets = torch.randint(0, vocab_size, (B, T), generator=g)
+    return idx, targets
+
+
+def test_shapes_and_initial_loss():
+    model = tiny_model(vocab_size=257)
+    idx, targets = random_batch(vocab_size=257)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 16, 257)
+    assert abs(loss.item() - math.log(257)) < 0.3
+    logits, loss = model(idx)
+    assert logits.shape == (2, 1, 257) and loss is None
+    full, _ = model(idx, targets)
+    torch.testing.assert_close(logits[:, 0], full[:, -1])
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_hf_names_no_biases_and_residual_init():
+    model = tiny_model(n_layer=4, n_embd=64, n_head=4)
+    names = set(dict(model.named_parameters()))
+    assert {"embed_tokens.weight", "norm.weight", "lm_head.weight", "layers.0.input_layernorm.weight",
+            "layers.0.post_attention_layernorm.weight", "layers.0.mlp.gate_proj.weight",
+            "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight"} <= names
+    assert {f"layers.3.self_attn.{p}_proj.weight" for p in "qkvo"} <= names
+    assert not any("bias" in n for n in names)
+    assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()
+    assert model.layers[0].mlp.gate_proj.weight.shape == (192, 64)  # 2/3*4*64 = 170 -> 192 (multiple of 32)
+    assert not any("rope" in k for k in model.state_dict())  # rotary tables are not saved
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    assert abs(model.layers[0].self_attn.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+    assert abs(model.layers[1].mlp.down_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+    assert abs(model.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_num_params_and_flops():
+    model = tiny_model()
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == total
+    assert model.num_params(non_embedding=True) == total - 64 * 32
+    assert model.flops_per_token() == 6 * (total - 64 * 32) + 12 * 2 * 32 * 32
+
+
+def test_loss_falls_on_fixed_batch():
+    model = tiny_model()
+    idx, targets = random_batch()
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    _, first = model(idx, targets)
+    for _ in range(20):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first.item() - 1.0
+
+
+def test_causal():
+    model = tiny_model()
+    idx, targets = random_batch()
+    before, _ = model(idx, targets)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    after, _ = model(changed, targets)
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_ignore_index_positions_do_not_count():
+    model = tiny_model()
+    idx, targets = random_batch()
+    targets[:, :5] = -1
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, 64), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    other = targets.clone()
+    other[0, 6] = -1
+    _, loss_other = model(idx, other)
+    assert not torch.allclose(loss, loss_other)
+
+
+def test_transfer_carries_all_but_embedding_and_head():
+    source = tiny_model(seed=0, vocab_size=10002)
+    logged = []
+    model = transfer(source.state_dict(), ModelConfig(**{**TINY, "vocab_size": 257, "block_size": 64}),
+                     log=logged.append)
+    old = source.state_dict()
+    for name, tensor in model.state_dict().items():
+        if param_group(name) in ("embedding", "head"):
+            assert tensor.shape[0] == 257
+        else:
+            assert torch.equal(tensor, old[name]), name
+    assert len(logged) == 1 and "carried attention (8 tensors" in logged[0]
+    assert "re-initialised embedding" in logged[0] and "head" in logged[0]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_transfer_reinit_attention_and_same_vocab_embedding_is_fresh():
+    source = tiny_model(seed=0)
+    torch.manual_seed(123)  # a different init stream from the source
+    model = transfer(source.state_dict(), source.config, reinit=("embedding", "head", "attention"), log=lambda s: None)
+    old = source.state_dict()
+    for name, tensor in model.state_dict().items():
+        if param_group(name) in ("embedding", "head", "attention"):
+            assert not torch.equal(tensor, old[name]), name
+        else:
+            assert torch.equal(tensor, old[name]), name
+
+
+def test_transfer_freeze():
+    source = tiny_model()
+    model = transfer(source.state_dict(), source.config, freeze=("attention", "norm"), log=lambda s: None)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (param_group(name) not in ("attention", "norm")), name
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(g["weight_decay"] == 0.1 and p.dim() >= 2 or g["weight_decay"] == 0.0 and p.dim() < 2
+               for g in optimizer.param_groups for p in g["params"])
+
+
+def test_transfer_errors():
+    source = tiny_model()
+    with pytest.raises(ValueError, match=r"(?s)n_embd differs.*32.*64"):
+        transfer(source.state_dict(), ModelConfig(**{**TINY, "n_embd": 64}), log=lambda s: None)
+    with pytest.raises(ValueError, match="n_layer differs"):
+        transfer(source.state_dict(), ModelConfig(**{**TINY, "n_layer": 3}), log=lambda s: None)
+    with pytest.raises(ValueError, match="n_layer differs"):  # unexpected extra layer in the checkpoint
+        transfer(source.state_dict(), ModelConfig(**{**TINY, "n_layer": 1}), log=lambda s: None)
+    with pytest.raises(ValueError, match="vocab_size differs"):
+        transfer(source.state_dict(), ModelConfig(**{**TINY, "vocab_size": 257}), reinit=(), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"valid groups are embedding, head, attention, mlp, norm"):
+        transfer(source.state_dict(), source.config, reinit=("attn",), log=lambda s: None)
+    with pytest.raises(ValueError, match="freeze"):
+        transfer(source.state_dict(), source.config, freeze=("mlps",), log=lambda s: None)
+
+
+def test_param_group_covers_every_parameter():
+    model = tiny_model()
+    groups = {param_group(n) for n, _ in model.named_parameters()}
+    assert groups == set(GROUPS)
+    assert param_group("model.layers.0.self_attn.q_proj.weight") == "attention"
+    with pytest.raises(ValueError):
+        param_group("layers.0.something.weight")
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match=r"--n_embd=30 is not divisible by --n_head=4"):
+        ModelConfig(n_embd=30, n_head=4).validate()
+    with pytest.raises(ValueError, match=r"(?s)12/4 = 3 is odd.*multiple of 2\*n_head = 8"):
+        GPT(ModelConfig(**{**TINY, "n_embd": 12, "n_head": 4}))
+    with pytest.raises(ValueError, match=r"--n_layer=0 must be positive"):
+        ModelConfig(n_layer=0).validate()
+    with pytest.raises(ValueError, match=r"--dropout=1.0"):
+        ModelConfig(dropout=1.0).validate()
+    ModelConfig().validate()
+
+
+def test_generate():
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=3, T=5)
+    out = model.generate(idx, 7, temperature=0)
+    assert out.shape == (3, 12) and torch.equal(out[:, :5], idx)
+    assert torch.equal(out, model.generate(idx, 7, temperature=0))
+    nucleus = model.generate(idx, 7, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nucleus, out)
+    sample = lambda seed: model.generate(idx, 7, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(sample(1), sample(1))
+    long = model.generate(idx, 40, temperature=0)  # longer than block_size: context is cropped
+    assert long.shape == (3, 45)
+
+
+def test_generate_stops_when_every_row_has_stop_token():
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=1, T=5)
+    first = model.generate(idx, 1, temperature=0)[0, -1].item()
+    out = model.generate(idx, 10, temperature=0, stop_token=first)
+    assert out.shape == (1, 6)
+    idx2, _ = random_batch(B=2, T=5)
+    greedy = model.generate(idx2, 10, temperature=0)
+    stop = greedy[0, 5].item()
+    out = model.generate(idx2, 10, temperature=0, stop_token=stop)
+    if stop in greedy[1, 5:].tolist():  # stops once row 1 produces it too; row 0 is padded with stop
+        assert (out[0, 6:] == stop).all()
+    else:
+        assert out.shape == (2, 15)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.config)}, path)
+    checkpoint = torch.load(path, weights_only=True)
+    rebuilt = GPT(ModelConfig(**checkpoint["model_args"]))
+    rebuilt.load_state_dict(checkpoint["model"])
+    idx, targets = random_batch()
+    torch.testing.assert_close(model(idx, targets)[0], rebuilt(idx, targets)[0], rtol=0, atol=0)
+
+
+def test_matches_hugging_face_llama():
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(n_embd=64, n_head=4, rope_theta=500.0).eval()  # non-default theta is passed on
+    cfg = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu")
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=True)
+    idx, targets = random_batch()
+    ours, _ = model(idx, targets)
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# =============================================================================
+# data/
+
+from data.common import (DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs,
+                         prepare_command, tokenize_documents, write_split)
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+TRICKY_TEXT = "héllo wörld 世界 🎉\r\n\ttabs\x00nul  <|endoftext|> not special\n\n  trailing "
+
+
+def read_documents(data_dir, split):
+    """The documents of a split, decoded: split the ids at every end-of-text token."""
+    ids = np.fromfile(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16)
+    meta = load_meta(data_dir)
+    enc = get_tokenizer(meta["tokenizer"])
+    assert ids[-1] == meta["eot_token"], "every document, the last included, ends with end-of-text"
+    cuts = np.flatnonzero(ids == meta["eot_token"])
+    return [enc.decode(ids[start + 1:end].tolist()) for start, end in zip(np.r_[-1, cuts[:-1]], cuts)]
+
+
+def assert_split_of(data_dir, documents):
+    """train and val together hold exactly the given documents, each once, and both are non-empty."""
+    train, val = read_documents(data_dir, "train"), read_documents(data_dir, "val")
+    assert train and val
+    assert sorted(train + val) == sorted(documents)
+
+
+# -----------------------------------------------------------------------------
+# common
+
+
+def test_byte_tokenizer_round_trip():
+    enc = get_tokenizer("bytes")
+    assert enc.n_vocab == 257 and enc.eot_token == 256
+    ids = enc.encode_ordinary(TRICKY_TEXT)
+    assert ids == list(TRICKY_TEXT.encode("utf-8")), "one token per UTF-8 byte, the eot text included"
+    assert enc.decode(ids) == TRICKY_TEXT
+    assert enc.decode(ids + [enc.eot_token]) == TRICKY_TEXT + "<|endoftext|>"
+
+
+def test_get_tokenizer_rejects_unknown_name():
+    with pytest.raises(ValueError, match="bytes, gpt2"):
+        get_tokenizer("sentencepiece")
+
+
+def test_tokenize_documents_splits_whole_documents_by_seed():
+    enc = get_tokenizer("bytes")
+    documents = [f"document {i} " + "x" * i for i in range(40)]
+    train, val = tokenize_documents(documents, enc, val_fraction=0.1, seed=0)
+    assert train.dtype == np.uint16 and val.dtype == np.uint16
+    assert (val == enc.eot_token).sum() == 4 and (train == enc.eot_token).sum() == 36
+    again_train, again_val = tokenize_documents(documents, enc, val_fraction=0.1, seed=0)
+    assert np.array_equal(train, again_train) and np.array_equal(val, again_val)
+    _, other_val = tokenize_documents(documents, enc, val_fraction=0.1, seed=1)
+    assert not np.array_equal(val, other_val)
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        tokenize_documents(["only one"], enc, val_fraction=0.1, seed=0)
+
+
+def test_write_split_refuses_ids_beyond_uint16_and_writes_nothing(tmp_path):
+    path = str(tmp_path / "train.bin")
+    with pytest.raises(ValueError, match="65536"):
+        write_split(path, np.array([1, 2, 65536, 3]))
+    assert os.listdir(tmp_path) == []
+    write_split(path, [0, 65535, 7])
+    assert np.fromfile(path, dtype=np.uint16).tolist() == [0, 65535, 7]
+
+
+def test_check_prepared_names_the_command(tmp_path):
+    data_dir = tmp_path / "stdlib"
+    data_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match="run: python -m data.stdlib.prepare --out_dir"):
+        check_prepared(str(data_dir))
+    (data_dir / "train.bin").write_bytes(b"\x01\x00\x02")  # odd size: cut mid-token
+    (data_dir / "val.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match="truncated.*run: python -m data.stdlib.prepare"):
+        check_prepared(str(data_dir))
+    (data_dir / "train.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(FileNotFoundError, match="meta.pkl is missing; run: python -m data.stdlib.prepare"):
+        check_prepared(str(data_dir))
+    (data_dir / "meta.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="unreadable.*run: python -m data.stdlib.prepare"):
+        check_prepared(str(data_dir))
+    (data_dir / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 257, "tokenizer": "bytes", "eot_token": 256}))
+    assert check_prepared(str(data_dir))["vocab_size"] == 257
+    # the web corpora share one script, and the default folder needs no --out_dir
+    assert prepare_command(os.path.join(DATA_DIR, "openwebtext")) == "python -m data.hf.prepare --dataset openwebtext"
+    with pytest.raises(FileNotFoundError, match="run: python -m data.arith.prepare --out_dir"):
+        load_pairs(str(tmp_path / "arith"), "train")
+
+
+# -----------------------------------------------------------------------------
+# token datasets
+
+
+def test_stdlib_prepare_writes_the_source_files(tmp_path):
+    from data.stdlib.prepare import main, source_files
+    import sysconfig
+
+    main(["--max_bytes", "300000", "--out_dir", str(tmp_path)])
+    stdlib_dir = sysconfig.get_paths()["stdlib"]
+    paths = source_files(stdlib_dir, 300000)
+    assert len(paths) > 5 and sum(os.path.getsize(p) for p in paths) <= 300000
+    for path in source_files(stdlib_dir, max_bytes=10**12):  # all of it, not only the first files
+        parts = os.path.relpath(path, stdlib_dir).split(os.sep)
+        assert path.endswith(".py") and not {"site-packages", "test", "tests"} & set(parts)
+    documents = [open(p, encoding="utf-8").read() for p in paths]
+    assert_split_of(str(tmp_path), documents)
+    meta = check_prepared(str(tmp_path))
+    assert meta["num_files"] == len(paths) and meta["tokenizer"] == "bytes" and meta["vocab_size"] == 257
+
+
+def test_hf_prepare_from_jsonl_file(tmp_path):
+    from data.hf.prepare import main
+
+    documents = [TRICKY_TEXT, "def f(x):\n    return x\n", "ünïcode ✓", "a", "last one\n"]
+    path = tmp_path / "slice.jsonl"
+    # codeparrot keeps its text in "content", the others in "text"
+    rows = [{"content": d, "text": d.upper()} for d in documents]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    for dataset, expected in (("codeparrot", documents), ("openwebmath", [d.upper() for d in documents])):
+        out_dir = tmp_path / dataset
+        main(["--dataset", dataset, "--from_file", str(path), "--tokenizer", "bytes", "--val_fraction", "0.2",
+              "--out_dir", str(out_dir)])
+        assert_split_of(str(out_dir), expected)
+        assert load_meta(str(out_dir))["dataset"] == dataset
+
+
+def test_hf_prepare_from_text_file_with_limits(tmp_path):
+    from data.hf.prepare import main
+
+    documents = [f"doc {i}: ünïcode text\n" for i in range(10)]
+    path = tmp_path / "slice.txt"
+    path.write_text("<|endoftext|>".join(documents), encoding="utf-8")
+    main(["--dataset", "openwebtext", "--from_file", str(path), "--tokenizer", "bytes", "--out_dir",
+          str(tmp_path / "all")])
+    assert_split_of(str(tmp_path / "all"), documents)
+    main(["--dataset", "openwebtext", "--from_file", str(path), "--tokenizer", "bytes", "--max_docs", "4",
+          "--out_dir", str(tmp_path / "four")])
+    assert_split_of(str(tmp_path / "four"), documents[:4])
+    tokens_per_doc = len(documents[0].encode()) + 1  # the documents are the same length in bytes
+    main(["--dataset", "openwebtext", "--from_file", str(path), "--tokenizer", "bytes", "--max_tokens",
+          str(3 * tokens_per_doc - 1), "--out_dir", str(tmp_path / "three")])
+    assert_split_of(str(tmp_path / "three"), documents[:3])
+
+
+def is_balanced(text, pairs):
+    closer_of = dict(pairs)
+    stack, deepest = [], 0
+    for char in text:
+        if char in closer_of:
+            stack.append(closer_of[char])
+            deepest = max(deepest, len(stack))
+        elif not stack or stack.pop() != char:
+            return False, deepest
+    return not stack, deepest
+
+
+def test_dyck_sequences_are_balanced(tmp_path):
+    # run as a module from the repository root, as the README says
+    subprocess.run([sys.executable, "-m", "data.dyck.prepare", "--num_tokens", "30000", "--num_types", "3",
+                    "--max_depth", "5", "--max_length", "64", "--out_dir", str(tmp_path)], cwd=REPO_ROOT, check=True)
+    sequences = read_documents(str(tmp_path), "train") + read_documents(str(tmp_path), "val")
+    assert len(sequences) > 100
+    assert sum(map(len, sequences)) + len(sequences) >= 30000
+    depths = []
+    for sequence in sequences:
+        assert 2 <= len(sequence) <= 64 and set(sequence) <= set("()[]{}")
+        balanced, deepest = is_balanced(sequence, ["()", "[]", "{}"])
+        assert balanced, sequence
+        depths.append(deepest)
+    assert max(depths) == 5 and min(depths) == 1
+    assert len(set(sequences)) > 0.9 * len(sequences), "sequences should differ"
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning datasets
+
+
+def test_arith_problems_are_correct_and_disjoint(tmp_path):
+    from data.arith.prepare import main
+
+    main(["--max_operand", "30", "--num_train", "300", "--num_val", "50", "--num_test", "100",
+          "--out_dir", str(tmp_path)])
+    meta = load_meta(str(tmp_path))
+    assert meta["task"] == "arith" and meta["stop"] == "\n"
+    splits = {split: load_pairs(str(tmp_path), split) for split in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [300, 50, 100]
+    problems = {}
+    for split, records in splits.items():
+        for record in records:
+            assert record["prompt"].startswith("assert ") and record["prompt"].endswith(" == ")
+            a, b = map(int, record["prompt"][len("assert "):-len(" == ")].split(" + "))
+            assert 0 <= a <= 30 and 0 <= b <= 30
+            assert record["answer"] == str(a + b) and record["completion"] == f"{a + b}\n"
+            assert extract_answer(record["completion"], meta["stop"]) == record["answer"]
+            problems.setdefault(frozenset((a, b)), []).append(split)
+    assert all(len(splits_seen) == 1 for splits_seen in problems.values()), "a problem (up to order) in two places"
+    with pytest.raises(SystemExit):  # 31 * 32 / 2 = 496 distinct problems
+        main(["--max_operand", "30", "--num_train", "500", "--out_dir", str(tmp_path)])
+
+
+def test_gsm8k_from_local_files(tmp_path):
+    from data.gsm8k.prepare import main
+
+    rows = [{"question": f"Tom has {i} apples and buys 1,000 more. How many? ",
+             "answer": f"He has {i} + 1000 = <<{i}+1000={i + 1000}>>{i + 1000} apples.\n#### {i + 1000:,}"}
+            for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    out_dir = str(tmp_path / "gsm8k")
+    main(["--from_file", str(tmp_path / "train.jsonl"), "--test_file", str(tmp_path / "test.jsonl"),
+          "--num_val", "3", "--out_dir", out_dir])
+    meta = load_meta(out_dir)
+    assert meta["task"] == "gsm8k" and (meta["num_train"], meta["num_val"], meta["num_test"]) == (7, 3, 2)
+    train, val, test = (load_pairs(out_dir, split) for split in ("train", "val", "test"))
+    assert test[0]["prompt"] == "Question: Tom has 10 apples and buys 1,000 more. How many?\nAnswer:"
+    assert test[0]["completion"] == " He has 10 + 1000 = <<10+1000=1010>>1010 apples.\n#### 1,010\n\n"
+    assert test[0]["answer"] == "1010"
+    assert sorted(r["answer"] for r in train + val) == [str(i + 1000) for i in range(10)]
+    for record in train + val + test:
+        assert extract_answer(record["completion"], meta["stop"]) == record["answer"]
+    with pytest.raises(ValueError, match="--test_file"):
+        main(["--from_file", str(tmp_path / "train.jsonl"), "--out_dir", out_dir])
