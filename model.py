@@ -33,7 +33,7 @@ GROUPS = ("embedding", "head", "attention", "mlp", "norm")  # component groups f
 @dataclass
 class ModelConfig:
     vocab_size: int = 10002
-    block_size: int = 1024      # max sequence length (rotary table size)
+    block_size: int = 256       # max sequence length (rotary table size); the paper: 1024
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -196,7 +196,7 @@ class GPT(nn.Module):
             # inference: only the last position is needed, skip the big (T, V) matmul for the others
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()

@@ -381,6 +381,20 @@ class NCAStream:
         y[:, :self.cfg.frame_len - 1] = -1  # targets inside the first frame: masked
         return x, y
 
+    def state_dict(self):
+        """Everything needed to continue the stream exactly (for train.py --resume): plain types and tensors."""
+        return {"seeds": self.seeds.get_state(), "tried": self.tried, "accepted": self.accepted,
+                "buffer": torch.cat(self.buffer).cpu() if self.buffer else None,
+                "pool": None if self.pool is None else self.pool.cpu(),
+                "pool_order": None if self.pool_order is None else self.pool_order.cpu(), "pool_pos": self.pool_pos}
+
+    def load_state_dict(self, state):
+        self.seeds.set_state(state["seeds"])
+        self.tried, self.accepted, self.pool_pos = state["tried"], state["accepted"], state["pool_pos"]
+        self.buffer = [] if state["buffer"] is None else [state["buffer"].to(self.device)]
+        self.pool, self.pool_order = (None if t is None else t.to(self.device)
+                                      for t in (state["pool"], state["pool_order"]))
+
     def __iter__(self):
         while True:
             yield self.next_batch()
