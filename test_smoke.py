@@ -631,3 +631,136 @@ def test_gsm8k_from_local_files(tmp_path):
         assert extract_answer(record["completion"], meta["stop"]) == record["answer"]
     with pytest.raises(ValueError, match="--test_file"):
         main(["--from_file", str(tmp_path / "train.jsonl"), "--out_dir", out_dir])
+
+
+# =============================================================================
+# train.py
+
+import signal
+import time
+
+import train
+from data.common import save_token_dataset
+
+TINY_RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "48", "--batch_size", "4",
+            "--eval_iters", "2", "--log_interval", "5", "--grid", "6", "--num_colors", "4", "--band", "0.0", "1.0"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """A data_dir with a small byte-level corpus 'tiny' (this repo's own source) and a small arith task."""
+    data_dir = tmp_path / "data"
+    sources = [open(os.path.join(REPO_ROOT, f), encoding="utf-8").read() for f in ("nca.py", "model.py")]
+    enc = get_tokenizer("bytes")
+    train_ids, val_ids = tokenize_documents(sources * 3, enc, val_fraction=0.3, seed=0)
+    save_token_dataset(str(data_dir / "tiny"), enc, train_ids, val_ids)
+    __import__("data.arith.prepare", fromlist=["main"]).main(
+        ["--out_dir", str(data_dir / "arith"), "--num_train", "200", "--num_val", "20", "--num_test", "20"])
+    return str(data_dir)
+
+
+def run_flags(tmp_path, data_dir, *extra):
+    return TINY_RUN + ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--pretrain_data", "tiny", *extra]
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_get_lr_warms_up_then_decays_to_the_floor():
+    lrs = [train.get_lr(it, 100, 1.0, 0.1, 0.1) for it in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsys):
+    flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "6", "--pretrain_iters", "6",
+                      "--finetune_iters", "4", "--eval_interval", "3", "--freeze", "attention,mlp,norm")
+    train.main(flags)
+    out = capsys.readouterr().out
+    assert "re-initialised embedding" in out and "carried attention" in out
+    ckpts = {s: torch.load(tmp_path / "out" / s / "ckpt.pt", weights_only=True) for s in train.STAGES}
+    nca_sd, text_sd = ckpts["prepretrain"]["model"], ckpts["pretrain"]["model"]
+    assert nca_sd["embed_tokens.weight"].shape[0] == 258 and text_sd["embed_tokens.weight"].shape[0] == 257
+    for name, tensor in text_sd.items():  # frozen after the transfer, so still exactly stage 1's
+        if name.split(".")[0] not in ("embed_tokens", "lm_head"):
+            assert torch.equal(tensor, nca_sd[name]), name
+    assert ckpts["pretrain"]["prior_tokens"] == ckpts["prepretrain"]["tokens_seen"] == 6 * 4 * 48
+    log = read_log(tmp_path / "out" / "pretrain" / "log.jsonl")
+    assert [r["iter"] for r in log] == [0, 3, 6]
+    assert ckpts["finetune"]["data"]["name"] == "arith" and ckpts["finetune"]["iter_num"] == 4
+
+
+def test_training_lowers_the_loss_and_checkpoint_rebuilds_from_model_args(tmp_path, tiny_data):
+    train.main(run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "60",
+                         "--eval_interval", "20", "--pretrain_lr", "1e-2"))
+    log = read_log(tmp_path / "out" / "pretrain" / "log.jsonl")
+    assert log[0]["val_loss"] == pytest.approx(math.log(257), abs=0.3)  # a fresh model knows nothing
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0
+    ckpt = torch.load(tmp_path / "out" / "pretrain" / "ckpt.pt", weights_only=True)
+    model = GPT(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])  # strict
+    cfg = train.TrainConfig(**{**ckpt["config"], "eval_iters": 2})
+    data = train.TokenData("tiny", cfg, ckpt["model_args"]["block_size"])
+    assert train.estimate_loss(model, data, torch.autocast("cpu", enabled=False)) == pytest.approx(log[-1]["val_loss"], abs=1e-5)
+
+
+def test_finetune_loss_ignores_prompt_tokens(tiny_data):
+    cfg = train.TrainConfig(data_dir=tiny_data, batch_size=3)
+    data = train.PairData("arith", cfg, block_size=48, tokenizer="bytes")
+    pairs = data.pairs["train"][:3]
+    x, y = data.collate(pairs)
+    for row, (prompt, completion) in enumerate(pairs):
+        targets = y[row][y[row] != -1].tolist()
+        assert targets == completion                                   # exactly the completion is scored
+        assert (y[row, :len(prompt) - 1] == -1).all()                  # no prompt token is a target
+        assert x[row, :len(prompt)].tolist() == prompt
+    model = GPT(ModelConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=48))
+    logits, loss = model(x, y)
+    scored = y != -1
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[scored], y[scored]).item(), abs=1e-6)
+    assert model(x, x.roll(-1, dims=1))[1] != loss                       # scoring the prompt would change it
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, tiny_data):
+    common = ["--stage", "pretrain", "--pretrain_iters", "300", "--eval_interval", "10"]
+    straight = run_flags(tmp_path / "a", tiny_data, *common)
+    train.main(straight)
+    expected = read_log(tmp_path / "a" / "out" / "pretrain" / "log.jsonl")
+
+    killed = run_flags(tmp_path / "b", tiny_data, *common)
+    log_path = tmp_path / "b" / "out" / "pretrain" / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "train.py", *killed], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log_path.exists() and any(r["iter"] >= 50 for r in read_log(log_path)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = torch.load(log_path.parent / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 0 < stopped_at < 300
+    train.main(killed + ["--resume"])
+    resumed = read_log(log_path)
+    assert [r["iter"] for r in resumed] == [r["iter"] for r in expected]
+    for a, b in zip(resumed, expected):
+        assert a["val_loss"] == b["val_loss"] and a["train_loss"] == b["train_loss"], a["iter"]
+
+
+def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
+    not_a_checkpoint = tmp_path / "junk.pt"
+    not_a_checkpoint.write_bytes(b"not a checkpoint")
+    cases = [(["--stage", "bogus"], "--stage"), (["--pretrain_lr", "5"], "--pretrain_lr"),
+             (["--n_embd", "30"], "--n_embd"), (["--pretrain_data", "nope"], "--pretrain_data"),
+             (["--block_size", "8"], "--block_size"), (["--reinit", "attn"], "--reinit"),
+             (["--init_from", str(not_a_checkpoint)], "not a"), (["--batch_size", "0"], "--batch_size"),
+             (["--band", "0.7", "0.2"], "--band")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            train.main(run_flags(tmp_path, tiny_data, *flags))
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "out").exists()

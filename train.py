@@ -139,8 +139,8 @@ def validate(cfg, model_cfg, nca_cfg):
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
-    if cfg.init_from and not os.path.isfile(cfg.init_from):
-        raise ValueError(f"--init_from {cfg.init_from}: no such file")
+    if cfg.init_from:
+        load_checkpoint(cfg.init_from, "cpu", flag="--init_from ")  # fail now, not after preparing data
     if cfg.init_from and cfg.resume:
         raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
     if cfg.reinit != "auto":
@@ -157,9 +157,10 @@ def validate(cfg, model_cfg, nca_cfg):
                                  f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
             continue
         if not os.path.isdir(os.path.join(cfg.data_dir, name)) and name not in OFFLINE_DATA:
-            known = sorted(set(os.listdir(cfg.data_dir)) | set(OFFLINE_DATA))
+            known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
+                           - {"hf", "__pycache__"} | set(OFFLINE_DATA))
             raise ValueError(f"--{stage}_data {name!r}: there is no {os.path.join(cfg.data_dir, name)}; datasets "
-                             f"there or made offline: {', '.join(d for d in known if not d.startswith(('_', '.')))} "
+                             f"there or made offline: {', '.join(known)} "
                              f"(the web corpora: python -m data.hf.prepare --dataset NAME)")
 
 
@@ -325,13 +326,15 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, flag=""):
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}{path}: no such file")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{flag}{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a checkpoint of this train.py (it lacks model / model_args / stage)")
+        raise ValueError(f"{flag}{path} is not a checkpoint of this train.py (it lacks model / model_args / stage)")
     return checkpoint
 
 

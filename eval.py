@@ -1,0 +1,568 @@
+"""
+Evaluate what train.py made: perplexity, NCA in-context accuracy, run comparisons, pass@k, export to Hugging Face.
+
+  python eval.py perplexity --ckpt out/nca/pretrain/ckpt.pt                 # loss and ppl on the whole val split
+  python eval.py icl --ckpt out/nca/prepretrain/ckpt.pt --max_k 6           # accuracy on held-out rules vs context
+  python eval.py compare --runs out/scratch out/nca out/dyck --out compare.png
+  python eval.py compare --runs 'out/study/*' --baseline scratch            # <arm>_seed<k> runs -> mean +- std
+  python eval.py passk --ckpt out/nca/finetune/ckpt.pt --n 16 --k 1 2 4 8   # unbiased pass@k and greedy accuracy
+  python eval.py export --ckpt out/nca/pretrain/ckpt.pt --out_dir hf_model  # LlamaForCausalLM.from_pretrained(dir)
+
+Every subcommand has --help. Checkpoints are rebuilt from their own model_args, so no model flag is needed.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+import nca
+from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
+from model import GPT, ModelConfig
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(ckpt_path, device):
+    """(model in eval mode on device, checkpoint dict), rebuilt from the checkpoint's model_args, loaded strictly."""
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt_path}; train one with train.py "
+                                f"(it writes out_dir/<stage>/ckpt.pt)")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model = GPT(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.to(device).eval(), ckpt
+
+
+class Progress:
+    """Prints a line at most every `seconds`, so long loops show they are alive without flooding the terminal."""
+
+    def __init__(self, seconds=10.0):
+        self.seconds, self.last = seconds, time.time()
+
+    def __call__(self, message):
+        if time.time() - self.last > self.seconds:
+            self.last = time.time()
+            print(message, flush=True)
+
+# -----------------------------------------------------------------------------
+# perplexity on a fixed evaluation set
+
+
+def check_text_data(ckpt, meta, data_dir, ckpt_path):
+    """The dataset must be tokenised the way the checkpoint was trained, or the loss is meaningless."""
+    trained = ckpt["data"]
+    if trained["tokenizer"] is None:
+        raise ValueError(f"{ckpt_path} was trained on {trained['name']} tokens, not text; evaluate a pretrain "
+                         f"or finetune checkpoint, or use `python eval.py icl` for NCA")
+    if (meta["tokenizer"], meta["vocab_size"]) != (trained["tokenizer"], trained["vocab_size"]):
+        raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocab {meta['vocab_size']}) but "
+                         f"{ckpt_path} was trained with {trained['tokenizer']} (vocab {trained['vocab_size']}); "
+                         f"pick a dataset prepared with --tokenizer {trained['tokenizer']}")
+
+
+@torch.no_grad()
+def perplexity(model, tokens, block_size, batch_size, device):
+    """Mean loss (nats/token) over consecutive non-overlapping windows from the start of `tokens`: deterministic,
+    and every token but the first is a target exactly once (the last, shorter window included).
+    Returns (mean loss, number of tokens scored)."""
+    num_targets = len(tokens) - 1
+    if num_targets < 1:
+        raise ValueError(f"need at least 2 tokens to score, got {len(tokens)}")
+    starts = list(range(0, num_targets, block_size))
+    full = [s for s in starts if s + block_size <= num_targets]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    if len(full) < len(starts):
+        batches.append(starts[-1:])  # the tail window is shorter, so it goes alone
+    total, count, progress = 0.0, 0, Progress()
+    for b, batch in enumerate(batches):
+        length = min(block_size, num_targets - batch[0])
+        rows = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
+        chunk = torch.from_numpy(rows).to(device)  # (B, length + 1)
+        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        total += loss.item() * chunk[:, 1:].numel()  # the model returns the mean; we want the sum over all windows
+        count += chunk[:, 1:].numel()
+        progress(f"perplexity: batch {b + 1}/{len(batches)}, {count:,} tokens, loss so far {total / count:.4f}")
+    return total / count, count
+
+
+def run_perplexity(args):
+    model, ckpt = load_model(args.ckpt, args.device)
+    name = args.dataset or ckpt["data"]["name"]
+    data_dir = args.data_dir or os.path.join(DATA_DIR, name)
+    meta = check_prepared(data_dir, name)
+    check_text_data(ckpt, meta, data_dir, args.ckpt)
+    block_size = args.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise ValueError(f"--block_size {block_size} exceeds the model's block_size {model.config.block_size}")
+    tokens = np.memmap(os.path.join(data_dir, f"{args.split}.bin"), dtype=np.uint16, mode="r")
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens + 1]
+    loss, count = perplexity(model, tokens, block_size, args.batch_size, args.device)
+    print(f"{data_dir} {args.split}: {count:,} tokens in windows of {block_size}")
+    print(f"loss={loss:.4f} ppl={math.exp(loss):.3f}")
+    return loss
+
+# -----------------------------------------------------------------------------
+# NCA in-context accuracy on held-out rules
+
+
+class HeldOutStream(nca.NCAStream):
+    """NCAStream draws every rule and grid seed from [0, 2^31); these come from [2^31, 2^32). nca's hash reads all
+    32 bits of a seed, so the evaluation rules are guaranteed to be ones no training run has seen."""
+
+    def draw_seeds(self, n):
+        return super().draw_seeds(n) + 2 ** 31
+
+
+def held_out_sequences(cfg, num_rules, num_frames, seed, device="cpu"):
+    """(num_rules, num_frames * frame_len) tokens of new rules that pass the checkpoint's gzip band."""
+    stream = HeldOutStream(cfg, num_rules, num_frames * cfg.frame_len - 1, seed=seed, device=device)
+    x, y = stream.next_batch()
+    return torch.cat([x, y[:, -1:]], dim=1)  # x lacks the last token; y has it (only the first frame is masked)
+
+
+@torch.no_grad()
+def greedy_decode(model, context, num_tokens):
+    """Extend context (B, T) by num_tokens argmax tokens, each fed back in. -> the new tokens (B, num_tokens)"""
+    for _ in range(num_tokens):
+        logits, _ = model(context)  # (B, 1, V): the model returns the last position only without targets
+        context = torch.cat([context, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return context[:, -num_tokens:]
+
+
+def cells_of_patches(patch_tokens, cfg):
+    """Patch tokens (R, P) -> cells (R, H, W) through nca.decode. A position that holds no patch id (a START or END
+    the model put in the wrong place) becomes cells of -1, which count as wrong whatever the truth is."""
+    R, n, p = patch_tokens.shape[0], cfg.grid // cfg.patch, cfg.patch
+    valid = patch_tokens < cfg.start_token
+    start = torch.full_like(patch_tokens[:, :1], cfg.start_token)
+    frame = torch.cat([start, patch_tokens.where(valid, 0), start + 1], dim=1)  # a well-formed frame for decode
+    cells = nca.decode(frame, cfg)[:, 0]  # (R, H, W)
+    valid_cells = valid.view(R, n, n).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)
+    return cells.where(valid_cells, -1)
+
+
+def icl_accuracy(model, sequences, cfg, max_k, log=print):
+    """For k = 1..max_k: show the model the first k frames, let it write frame k+1 greedily, token by token, and
+    score its cells. Returns {k, cell_accuracy, frame_accuracy, copy_accuracy} as lists over k, where
+    copy_accuracy is the cell accuracy of simply repeating frame k (many rules change little between frames)."""
+    L = cfg.frame_len
+    if sequences.shape[1] < (max_k + 1) * L:
+        raise ValueError(f"--max_k {max_k} needs {max_k + 1} frames, the sequences hold {sequences.shape[1] // L}")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is not None and (max_k + 1) * L - 1 > block_size:
+        raise ValueError(f"--max_k {max_k}: {max_k} frames of context plus the predicted frame need "
+                         f"{(max_k + 1) * L - 1} positions, the model has {block_size}; use --max_k "
+                         f"{(block_size + 1) // L - 1}")
+    results = {"k": [], "cell_accuracy": [], "frame_accuracy": [], "copy_accuracy": []}
+    for k in range(1, max_k + 1):
+        predicted = greedy_decode(model, sequences[:, :k * L], L)
+        truth = cells_of_patches(sequences[:, k * L + 1:(k + 1) * L - 1], cfg)
+        correct = cells_of_patches(predicted[:, 1:-1], cfg) == truth  # (R, H, W); the delimiters are not scored
+        previous = cells_of_patches(sequences[:, (k - 1) * L + 1:k * L - 1], cfg)
+        results["k"].append(k)
+        results["cell_accuracy"].append(correct.float().mean().item())
+        results["frame_accuracy"].append(correct.flatten(1).all(dim=1).float().mean().item())
+        results["copy_accuracy"].append((previous == truth).float().mean().item())
+        log(f"icl: k={k} cell accuracy {results['cell_accuracy'][-1]:.3f}")
+    return results
+
+
+def plot_icl(results, out, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(results["k"], results["cell_accuracy"], "o-", label="cell accuracy")
+    ax.plot(results["k"], results["frame_accuracy"], "s-", label="whole-frame accuracy")
+    ax.plot(results["k"], results["copy_accuracy"], "k--", label="baseline: copy the last frame (cells)")
+    ax.set_xlabel("frames of context k")
+    ax.set_ylabel("accuracy on frame k+1")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def run_icl(args):
+    model, ckpt = load_model(args.ckpt, args.device)
+    if ckpt.get("nca_config") is None:
+        raise ValueError(f"{args.ckpt} was trained on {ckpt['data']['name']}, not NCA; icl needs a prepretrain "
+                         f"checkpoint trained on nca (e.g. out/<run>/prepretrain/ckpt.pt)")
+    cfg = nca.NCAConfig(**ckpt["nca_config"])
+    sequences = held_out_sequences(cfg, args.num_rules, args.max_k + 1, args.seed, args.device)
+    results = icl_accuracy(model, sequences, cfg, args.max_k)
+    print(f"\n{args.num_rules} held-out rules, band ({cfg.band_lo}, {cfg.band_hi}), {cfg.num_colors} colours\n")
+    print("| k | cell accuracy | frame accuracy | copy last frame |\n| --- | --- | --- | --- |")
+    for i, k in enumerate(results["k"]):
+        print(f"| {k} | {results['cell_accuracy'][i]:.3f} | {results['frame_accuracy'][i]:.3f} | "
+              f"{results['copy_accuracy'][i]:.3f} |")
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "icl.png")
+    plot_icl(results, out, f"{args.ckpt}: {args.num_rules} held-out NCA rules")
+    return results
+
+# -----------------------------------------------------------------------------
+# comparing runs: curves, final loss, convergence speed-up
+
+
+def read_log(run_dir, stage):
+    """(stage tokens, prior tokens, val losses) of one run's stage, as arrays in iteration order."""
+    path = os.path.join(run_dir, stage, "log.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no log at {path}; did the run finish stage {stage}? (--stage picks another)")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    by_iter = {r["iter"]: r for r in records if r.get("val_loss") is not None}  # on a repeat, the later one counts
+    if not by_iter:
+        raise ValueError(f"{path} has no evaluation yet")
+    records = [by_iter[i] for i in sorted(by_iter)]
+    return tuple(np.array([r[key] for r in records], dtype=float) for key in ("tokens", "prior_tokens", "val_loss"))
+
+
+def tokens_to_reach(tokens, losses, target):
+    """Tokens at which a curve first reaches `target`, interpolated linearly between eval points; None if never."""
+    hits = np.flatnonzero(losses <= target)
+    if len(hits) == 0:
+        return None
+    i = hits[0]
+    if i == 0:
+        return tokens[0]
+    fraction = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
+    return tokens[i - 1] + fraction * (tokens[i] - tokens[i - 1])
+
+
+def speedup(baseline_curve, curve):
+    """Tokens the baseline needed to reach its final loss / tokens `curve` needed to reach the same loss.
+    Curves are (tokens, losses) arrays. None when the curve never reaches it (a speed-up below 1 then)."""
+    target = baseline_curve[1][-1]
+    needed = tokens_to_reach(*curve, target)
+    if needed is None:
+        return None
+    return tokens_to_reach(*baseline_curve, target) / needed if needed > 0 else math.inf
+
+
+def expand_runs(patterns):
+    """Run folders from names and glob patterns (quoted patterns reach us unexpanded)."""
+    runs = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--runs: {pattern} matches no folder")
+        runs += matches
+    return runs
+
+
+def arm_of(run_dir):
+    """Runs named <arm>_seed<k> are repeats of one arm; any other run is an arm of its own."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    match = re.fullmatch(r"(.+)_seed\d+", name)
+    return match.group(1) if match else name
+
+
+def mean_curve(curves):
+    """Mean and std of (tokens, losses) curves on the first one's eval points, where all of them have data."""
+    tokens = curves[0][0][curves[0][0] <= min(t[-1] for t, _ in curves)]
+    losses = np.stack([np.interp(tokens, t, l) for t, l in curves])
+    std = losses.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(tokens))
+    return tokens, losses.mean(axis=0), std
+
+
+def mean_std(values, digits, suffix=""):
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{suffix}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}{suffix}"
+
+
+def format_speedups(speedups, bounds):
+    """Speed-ups of an arm's runs; a run that never reached the target has an upper bound (baseline tokens / its
+    own last tokens) instead."""
+    reached = [s for s in speedups if s is not None]
+    if not reached:
+        return f"<{max(bounds):.2f}x (never reached)"
+    text = mean_std(reached, 2, "x")
+    return text if len(reached) == len(speedups) else f"{text} ({len(reached)}/{len(speedups)} reached)"
+
+
+def compare_runs(run_dirs, stage="pretrain", baseline=None):
+    """Read every run's log, group runs into arms, and measure each arm against the baseline arm.
+    Returns (arms: {arm: {"runs", "curves", "total_curves"}}, rows: one summary dict per arm, baseline arm)."""
+    arms = {}
+    for run in run_dirs:
+        tokens, prior, losses = read_log(run, stage)
+        arm = arms.setdefault(arm_of(run), {"runs": [], "curves": [], "total_curves": []})
+        arm["runs"].append(run)
+        arm["curves"].append((tokens, losses))
+        arm["total_curves"].append((prior + tokens, losses))  # matched total compute: earlier stages count too
+    if baseline is None:
+        scratch = [a for a in arms if "scratch" in a]
+        if len(scratch) > 1:
+            raise ValueError(f"several arms look like the baseline ({', '.join(scratch)}); pick one with --baseline")
+        baseline = scratch[0] if scratch else next(iter(arms))
+    if baseline not in arms:
+        raise ValueError(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
+    base, base_total = mean_curve(arms[baseline]["curves"]), mean_curve(arms[baseline]["total_curves"])
+    base_tokens = tokens_to_reach(base[0], base[1], base[1][-1])
+    base_total_tokens = tokens_to_reach(base_total[0], base_total[1], base_total[1][-1])
+    rows = []
+    for name, arm in arms.items():
+        finals = [losses[-1] for _, losses in arm["curves"]]
+        rows.append({
+            "arm": name, "runs": len(arm["runs"]), "final_loss": finals,
+            "change": [100 * (f / base[1][-1] - 1) for f in finals],
+            "ppl_change": [100 * (math.exp(f - base[1][-1]) - 1) for f in finals],
+            "speedup": [speedup(base[:2], c) for c in arm["curves"]],
+            "speedup_bound": [base_tokens / c[0][-1] for c in arm["curves"]],
+            "speedup_total": [speedup(base_total[:2], c) for c in arm["total_curves"]],
+            "speedup_total_bound": [base_total_tokens / c[0][-1] for c in arm["total_curves"]],
+        })
+    return arms, rows, baseline
+
+
+def markdown_table(rows, baseline):
+    lines = [f"| arm | runs | final val loss | final ppl | loss vs {baseline} | ppl vs {baseline} | "
+             f"speed-up (language tokens) | speed-up (total tokens) |", "|" + " --- |" * 8]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['runs']} | {mean_std(r['final_loss'], 4)} | "
+                     f"{mean_std([math.exp(f) for f in r['final_loss']], 3)} | {mean_std(r['change'], 1, '%')} | "
+                     f"{mean_std(r['ppl_change'], 1, '%')} | {format_speedups(r['speedup'], r['speedup_bound'])} | "
+                     f"{format_speedups(r['speedup_total'], r['speedup_total_bound'])} |")
+    return "\n".join(lines)
+
+
+def plot_compare(arms, out, stage):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    tops = []
+    for ax, key, xlabel in ((panels[0], "curves", f"{stage} tokens (matched language tokens)"),
+                            (panels[1], "total_curves", "all tokens, earlier stages included (matched total compute)")):
+        for name, arm in arms.items():
+            tokens, mean, std = mean_curve(arm[key])
+            label = f"{name} (mean of {len(arm['runs'])})" if len(arm["runs"]) > 1 else name
+            line, = ax.plot(tokens, mean, label=label)
+            if len(arm["runs"]) > 1:
+                ax.fill_between(tokens, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            tops.append(mean[min(1, len(mean) - 1)])
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    panels[0].set_ylabel("validation loss (nats/token)")
+    # the loss at iteration 0 (about ln V for a fresh head) would flatten everything after it, so cut the view at
+    # the first evaluation after training began
+    bottom = min(min(losses.min() for _, losses in arm["curves"]) for arm in arms.values())
+    panels[0].set_ylim(bottom - 0.02 * abs(bottom), max(tops) * 1.02)
+    panels[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def run_compare(args):
+    arms, rows, baseline = compare_runs(expand_runs(args.runs), args.stage, args.baseline)
+    table = markdown_table(rows, baseline)
+    print(table)
+    plot_compare(arms, args.out, args.stage)
+    return table
+
+# -----------------------------------------------------------------------------
+# pass@k on stage-3 tasks
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a product that cannot overflow."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0  # every draw of k samples contains a correct one
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def stop_token_of(enc, stop):
+    """Generation can stop early on the stop string only when it is one token; else on end-of-text."""
+    ids = enc.encode_ordinary(stop)
+    return ids[0] if len(ids) == 1 else enc.eot_token
+
+
+def decode_completions(enc, rows):
+    """Token rows -> texts, each cut at its first end-of-text (what follows is padding or noise)."""
+    texts = []
+    for row in rows.tolist():
+        texts.append(enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row))
+    return texts
+
+
+def sample_correct(model, enc, record, stop, n, temperature, top_p, max_new_tokens, generator, device):
+    """Number of correct answers among n sampled completions of one problem (the n samples are n batch rows)."""
+    prompt = enc.encode_ordinary(record["prompt"])
+    idx = torch.tensor([prompt] * n, device=device)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_p=top_p,
+                         stop_token=stop_token_of(enc, stop), generator=generator)
+    answers = [extract_answer(text, stop) for text in decode_completions(enc, out[:, len(prompt):])]
+    return sum(answer == record["answer"] for answer in answers)
+
+
+def greedy_accuracy(model, enc, records, stop, max_new_tokens, device):
+    """Exact-match accuracy of one greedy completion per problem; prompts of equal length share a batch."""
+    by_length = {}
+    for record in records:
+        by_length.setdefault(len(enc.encode_ordinary(record["prompt"])), []).append(record)
+    correct = 0
+    for group in by_length.values():
+        idx = torch.tensor([enc.encode_ordinary(r["prompt"]) for r in group], device=device)
+        out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=stop_token_of(enc, stop))
+        texts = decode_completions(enc, out[:, idx.shape[1]:])
+        correct += sum(extract_answer(t, stop) == r["answer"] for t, r in zip(texts, group))
+    return correct / len(records)
+
+
+def run_passk(args):
+    model, ckpt = load_model(args.ckpt, args.device)
+    tokenizer = ckpt["data"]["tokenizer"]
+    if tokenizer is None:
+        raise ValueError(f"{args.ckpt} was trained on NCA tokens and has no text tokenizer; use a finetune checkpoint")
+    task = args.task or (ckpt["data"]["name"] if ckpt["stage"] == "finetune" else None)
+    if task is None:
+        raise ValueError(f"--task: {args.ckpt} is a {ckpt['stage']} checkpoint; name the task, e.g. --task arith")
+    if max(args.k) > args.n or min(args.k) < 1:
+        raise ValueError(f"--k {args.k}: every k must be between 1 and --n {args.n}")
+    data_dir = args.data_dir or os.path.join(DATA_DIR, task)
+    stop = load_meta(data_dir, task)["stop"]
+    records = load_pairs(data_dir, args.split, task)[:args.max_problems]
+    enc = get_tokenizer(tokenizer)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    counts, progress = [], Progress()
+    for i, record in enumerate(records):
+        counts.append(sample_correct(model, enc, record, stop, args.n, args.temperature, args.top_p,
+                                     args.max_new_tokens, generator, args.device))
+        progress(f"passk: {i + 1}/{len(records)} problems, {sum(counts)} of {args.n * (i + 1)} samples correct")
+    results = {f"pass@{k}": float(np.mean([pass_at_k(args.n, c, k) for c in counts])) for k in args.k}
+    results["greedy"] = greedy_accuracy(model, enc, records, stop, args.max_new_tokens, args.device)
+    print(f"{task} {args.split}: {len(records)} problems, n={args.n} samples each at temperature "
+          f"{args.temperature}, top_p {args.top_p}")
+    print(" ".join(f"{name}={value:.4f}" for name, value in results.items()))
+    return results
+
+# -----------------------------------------------------------------------------
+# export to a Hugging Face Llama checkpoint (torch only: config.json + pytorch_model.bin)
+
+
+def to_hf_names(state_dict):
+    """Our names are LlamaForCausalLM's without the "model." prefix, which only the output head lacks there too."""
+    return {(name if name == "lm_head.weight" else "model." + name): t for name, t in state_dict.items()}
+
+
+def from_hf_names(hf_state_dict):
+    state_dict = {}
+    for name, tensor in hf_state_dict.items():
+        if name != "lm_head.weight" and not name.startswith("model."):
+            raise ValueError(f"{name!r} is not a LlamaForCausalLM parameter name")
+        state_dict[name if name == "lm_head.weight" else name[len("model."):]] = tensor
+    return state_dict
+
+
+def hf_config(model_args, data):
+    cfg = ModelConfig(**model_args)
+    eot = (data or {}).get("eot_token")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32", "initializer_range": 0.02,
+        "bos_token_id": eot, "eos_token_id": eot,  # our sequences have no BOS; documents end with end-of-text
+    }
+
+
+def export_hf(model, ckpt, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(ckpt["model_args"], ckpt.get("data")), f, indent=2)
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    torch.save(to_hf_names(state), os.path.join(out_dir, "pytorch_model.bin"))
+    tokenizer = (ckpt.get("data") or {}).get("tokenizer")
+    print(f"wrote {out_dir}/config.json and pytorch_model.bin; load with "
+          f"transformers.LlamaForCausalLM.from_pretrained({out_dir!r}); tokenizer: "
+          f"{tokenizer or 'NCA patch tokens'} (data.common.get_tokenizer)")
+
+
+def run_export(args):
+    model, ckpt = load_model(args.ckpt, "cpu")
+    export_hf(model, ckpt, args.out_dir)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, function, help):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(function=function)
+        if name != "compare":
+            sub.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/<run>/<stage>/ckpt.pt")
+            sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
+        return sub
+
+    sub = command("perplexity", run_perplexity, "mean loss and perplexity on a fixed set of windows of a split")
+    sub.add_argument("--dataset", help="data/<name> to score (default: the checkpoint's training data)")
+    sub.add_argument("--data_dir", help="a prepared dataset folder anywhere (overrides --dataset)")
+    sub.add_argument("--split", default="val", choices=("train", "val"))
+    sub.add_argument("--block_size", type=int, help="window length (default: the model's block_size)")
+    sub.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    sub.add_argument("--max_tokens", type=int, help="score only the first N tokens of the split")
+
+    sub = command("icl", run_icl, "NCA in-context accuracy: predict frame k+1 of held-out rules from k frames")
+    sub.add_argument("--num_rules", type=int, default=64, help="held-out rules (one sequence each)")
+    sub.add_argument("--max_k", type=int, default=6, help="largest number of context frames")
+    sub.add_argument("--seed", type=int, default=12345, help="seed of the held-out rules and initial grids")
+    sub.add_argument("--out", help="plot of accuracy vs k (default: icl.png next to the checkpoint)")
+
+    sub = command("compare", run_compare, "validation curves of several runs, final loss and convergence speed-up")
+    sub.add_argument("--runs", nargs="+", required=True, help="run folders (train.py --out_dir) or glob patterns")
+    sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"))
+    sub.add_argument("--baseline", help="arm to compare against (default: the one whose name contains 'scratch')")
+    sub.add_argument("--out", default="compare.png", help="where to write the plot")
+
+    sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
+    sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")
+    sub.add_argument("--data_dir", help="a prepared task folder anywhere (overrides --task's folder)")
+    sub.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sub.add_argument("--n", type=int, default=16, help="samples per problem")
+    sub.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="k values of pass@k (each <= n)")
+    sub.add_argument("--temperature", type=float, default=0.4)
+    sub.add_argument("--top_p", type=float, default=0.95)
+    sub.add_argument("--max_problems", type=int, default=100, help="evaluate the first N problems of the split")
+    sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+
+    sub = command("export", run_export, "write a Hugging Face LlamaForCausalLM folder (config.json, pytorch_model.bin)")
+    sub.add_argument("--out_dir", required=True, help="folder to write")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.function(args)
+    except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
+        sys.exit(f"eval.py {args.command}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
