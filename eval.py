@@ -58,9 +58,6 @@ class Progress:
 def check_text_data(ckpt, meta, data_dir, ckpt_path):
     """The dataset must be tokenised the way the checkpoint was trained, or the loss is meaningless."""
     trained = ckpt["data"]
-    if trained["tokenizer"] is None:
-        raise ValueError(f"{ckpt_path} was trained on {trained['name']} tokens, not text; evaluate a pretrain "
-                         f"or finetune checkpoint, or use `python eval.py icl` for NCA")
     if (meta["tokenizer"], meta["vocab_size"]) != (trained["tokenizer"], trained["vocab_size"]):
         raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocab {meta['vocab_size']}) but "
                          f"{ckpt_path} was trained with {trained['tokenizer']} (vocab {trained['vocab_size']}); "
@@ -94,6 +91,9 @@ def perplexity(model, tokens, block_size, batch_size, device):
 
 def run_perplexity(args):
     model, ckpt = load_model(args.ckpt, args.device)
+    if ckpt["data"]["tokenizer"] is None:
+        raise ValueError(f"{args.ckpt} was trained on {ckpt['data']['name']} tokens, not text; evaluate a pretrain "
+                         f"or finetune checkpoint, or use `python eval.py icl` for NCA")
     name = args.dataset or ckpt["data"]["name"]
     data_dir = args.data_dir or os.path.join(DATA_DIR, name)
     meta = check_prepared(data_dir, name)
@@ -184,6 +184,7 @@ def plot_icl(results, out, title):
     ax.plot(results["k"], results["cell_accuracy"], "o-", label="cell accuracy")
     ax.plot(results["k"], results["frame_accuracy"], "s-", label="whole-frame accuracy")
     ax.plot(results["k"], results["copy_accuracy"], "k--", label="baseline: copy the last frame (cells)")
+    ax.set_xticks(results["k"])
     ax.set_xlabel("frames of context k")
     ax.set_ylabel("accuracy on frame k+1")
     ax.set_ylim(0, 1.02)

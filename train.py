@@ -429,7 +429,7 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
         if iter_num == max_iters or iter_num % cfg.eval_interval == 0 and (iter_num > it_start or resume is None):
             val_loss = estimate_loss(model, data, autocast)
             best_val_loss = min(best_val_loss, val_loss)
-            print(f"iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f})")
+            print(f"iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f})", flush=True)
             record = {"iter": iter_num, "tokens": tokens_seen, "prior_tokens": prior_tokens,
                       "lr": get_lr(iter_num, max_iters, base_lr, cfg.warmup_frac, cfg.min_lr_frac),
                       "train_loss": loss_value if iter_num > it_start else None, "val_loss": val_loss,
@@ -475,7 +475,7 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
             eta = (now - t_start) / (iter_num - it_start) * (max_iters - iter_num)
             print(f"{stage} iter {iter_num}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                   f"tokens {tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s | data {data_time / (now - t_log):.0%} "
-                  f"| eta {eta / 60:.1f} min")
+                  f"| eta {eta / 60:.1f} min", flush=True)
             t_log, tokens_at_log, data_time = now, tokens_seen, 0.0
     print(f"== {stage} done in {(time.time() - t_start) / 60:.1f} min: best val loss {best_val_loss:.4f}, "
           f"checkpoint {ckpt_path}")
