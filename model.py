@@ -38,12 +38,15 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     multiple_of: int = 32       # SwiGLU hidden = 2/3*4*n_embd rounded up to a multiple of this (llama2.c rule)
+    ffn_dim: int = 0            # SwiGLU hidden size set directly (the paper: 4*n_embd); 0 = the rule above
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
 
     @property
     def hidden_dim(self):
+        if self.ffn_dim:
+            return self.ffn_dim
         # SwiGLU has three matrices instead of two, so 2/3 of the usual 4*n_embd keeps the parameter count
         hidden = int(2 * 4 * self.n_embd / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
@@ -51,7 +54,7 @@ class ModelConfig:
     def validate(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "dropout" and not value > 0:
+            if f.name not in ("dropout", "ffn_dim") and not value > 0:
                 raise ValueError(f"--{f.name}={value} must be positive")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}; every head gets "
@@ -61,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"head dim --n_embd/--n_head = {self.n_embd}/{self.n_head} = {head_dim} is odd; rotary "
                              f"embeddings rotate pairs of channels, so use an n_embd that is a multiple of "
                              f"2*n_head = {2 * self.n_head}")
+        if self.ffn_dim < 0:
+            raise ValueError(f"--ffn_dim={self.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to --multiple_of)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout={self.dropout} must be in [0, 1) (0 disables it)")
 

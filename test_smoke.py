@@ -1030,3 +1030,35 @@ def test_export_round_trip_through_transformers(tmp_path):
         ours, _ = model(idx, idx)  # with targets: logits at every position
         theirs = hf(idx).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# =============================================================================
+# robustness: nothing lost
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
+
+    def crash_mid_write(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
+    assert torch.equal(train.load_checkpoint(path, "cpu")["model"]["w"], torch.ones(3))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+    flags = run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "4", "--eval_interval", "2")
+    train.main(flags)
+    ckpt_path = tmp_path / "out" / "pretrain" / "ckpt.pt"
+    good = torch.load(ckpt_path, weights_only=True)
+    poisoned = dict(good, model={k: v.clone() for k, v in good["model"].items()})
+    poisoned["model"]["layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(poisoned, tmp_path / "poisoned.pt")
+    with pytest.raises(RuntimeError, match="validation loss is nan at iteration 0"):
+        train.main(flags + ["--init_from", str(tmp_path / "poisoned.pt")])
+    after = torch.load(ckpt_path, weights_only=True)
+    assert after["iter_num"] == 4 and torch.equal(after["model"]["norm.weight"], good["model"]["norm.weight"])

@@ -108,7 +108,7 @@ def parse_args(argv=None):
         model_cfg = pick(args, ModelConfig, vocab_size=1)
         nca_cfg = nca.config_from_args(args)
         validate(cfg, model_cfg, nca_cfg)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return cfg, model_cfg, nca_cfg
 
@@ -156,12 +156,16 @@ def validate(cfg, model_cfg, nca_cfg):
                 raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
                                  f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
             continue
-        if not os.path.isdir(os.path.join(cfg.data_dir, name)) and name not in OFFLINE_DATA:
+        if name in OFFLINE_DATA:
+            continue  # prepared on first use
+        if not os.path.isdir(os.path.join(cfg.data_dir, name)):
             known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
                            - {"hf", "__pycache__"} | set(OFFLINE_DATA))
             raise ValueError(f"--{stage}_data {name!r}: there is no {os.path.join(cfg.data_dir, name)}; datasets "
                              f"there or made offline: {', '.join(known)} "
                              f"(the web corpora: python -m data.hf.prepare --dataset NAME)")
+        data_dir = os.path.join(cfg.data_dir, name)  # missing or broken files: say so now, not hours later
+        (load_meta if stage == "finetune" else check_prepared)(data_dir, name)
 
 
 # -----------------------------------------------------------------------------
@@ -332,7 +336,8 @@ def load_checkpoint(path, device, flag=""):
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{flag}{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
+                         f"give a ckpt.pt written by train.py") from e
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
         raise ValueError(f"{flag}{path} is not a checkpoint of this train.py (it lacks model / model_args / stage)")
     return checkpoint
