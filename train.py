@@ -185,7 +185,21 @@ def prepared(cfg, name, kind):
     return data_dir, check(data_dir, name)
 
 
-class NCAData:
+class Data:
+    """What the loop needs of a data source: get_batch("train"), the fixed validation batches, and the state that
+    --resume restores. Subclasses draw training batches with self.generator and build self.val once."""
+
+    def val_batches(self):
+        return self.val
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+class NCAData(Data):
     """Stage-1 batches streamed from nca.py; the validation set is a fixed set of held-out rules."""
 
     def __init__(self, nca_cfg, cfg, block_size):
@@ -199,9 +213,6 @@ class NCAData:
     def get_batch(self, split):
         return self.stream.next_batch()
 
-    def val_batches(self):
-        return self.val
-
     def state_dict(self):
         return self.stream.state_dict()
 
@@ -209,7 +220,7 @@ class NCAData:
         self.stream.load_state_dict(state)
 
 
-class TokenData:
+class TokenData(Data):
     """nanoGPT's memmapped uint16 corpus: random windows for training, fixed windows for validation."""
 
     def __init__(self, name, cfg, block_size):
@@ -235,17 +246,8 @@ class TokenData:
     def get_batch(self, split):
         return self.batch(split, self.generator)
 
-    def val_batches(self):
-        return self.val
 
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-
-
-class PairData:
+class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
     def __init__(self, name, cfg, block_size, tokenizer):
@@ -280,15 +282,6 @@ class PairData:
         pairs = self.pairs[split]
         picks = torch.randint(len(pairs), (self.batch_size,), generator=self.generator)
         return self.collate([pairs[i] for i in picks])
-
-    def val_batches(self):
-        return self.val
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
 
 
 def make_data(stage, cfg, nca_cfg, block_size, tokenizer):
