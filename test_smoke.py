@@ -1062,3 +1062,35 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
         train.main(flags + ["--init_from", str(tmp_path / "poisoned.pt")])
     after = torch.load(ckpt_path, weights_only=True)
     assert after["iter_num"] == 4 and torch.equal(after["model"]["norm.weight"], good["model"]["norm.weight"])
+
+
+# =============================================================================
+# several processes: torchrun + gloo on CPU
+
+def test_ranks_draw_different_data(tmp_path, tiny_data):
+    cfg = train.TrainConfig(data_dir=tiny_data, batch_size=4, eval_iters=1)
+    nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
+    for stage in ("prepretrain", "pretrain"):
+        cfg.pretrain_data = "tiny"
+        first = [train.make_data(stage, cfg, nca_cfg, 48, "bytes", rank).get_batch("train")[0] for rank in (0, 1)]
+        assert not torch.equal(first[0], first[1]), stage
+
+
+def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
+    flags = ["--stage", "pretrain", "--pretrain_iters", "40", "--eval_interval", "20", "--grad_accum", "2",
+             "--pretrain_lr", "1e-2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = run_flags(tmp_path / "one", tiny_data, *flags)
+    two = run_flags(tmp_path / "two", tiny_data, *flags)
+    subprocess.run([sys.executable, "train.py", *one], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *two], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [read_log(tmp_path / run / "out" / "pretrain" / "log.jsonl") for run in ("one", "two")]
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]  # the same global batch
+    assert logs[1][-1]["val_loss"] < logs[1][0]["val_loss"] - 1.0               # it trains
+    print("val loss, 1 process vs 2:", logs[0][-1]["val_loss"], logs[1][-1]["val_loss"])
+    assert abs(logs[0][-1]["val_loss"] - logs[1][-1]["val_loss"]) < 0.15        # like one process, within noise
+    assert result.stdout.count("iter 0: val loss") == 1                         # rank 0 alone logs
+    ckpt = torch.load(tmp_path / "two" / "out" / "pretrain" / "ckpt.pt", weights_only=True)
+    assert len(ckpt["rank_state"]) == 2

@@ -22,12 +22,17 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import nca
 from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs
@@ -49,6 +54,8 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     compile: bool = False            # torch.compile the model (GPU)
+    peak_tflops: float = 0.0         # the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS
+    bench: bool = False              # measure NCA and training throughput on this config, then exit
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
     prepretrain_data: str = "nca"
     prepretrain_iters: int = 150     # 0 skips the stage: the from-scratch control
@@ -78,6 +85,12 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10             # batches per loss estimate (the same fixed batches every time)
     log_interval: int = 10
+
+
+# dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate; CPUs get no MFU
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
+               "RTX 4090": 165.0, "RTX 3090": 71.0}
+RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data with seed + r * RANK_SEED_STRIDE
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +182,46 @@ def validate(cfg, model_cfg, nca_cfg):
 
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun): PyTorch's DistributedDataParallel, each rank with its own data
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self):  # only rank 0 prints, logs and saves
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    """Join the torchrun job if there is one (RANK set); a single process otherwise."""
+    if "RANK" not in os.environ:
+        return Dist()
+    ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if cfg.grad_accum % ddp.world:
+        raise ValueError(f"--grad_accum {cfg.grad_accum}: the micro-steps of one optimizer step are shared by the "
+                         f"{ddp.world} processes, so use a multiple of {ddp.world}")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    if not ddp.master:
+        sys.stdout = open(os.devnull, "w")  # one log for the job: rank 0's
+    return ddp
+
+
+def gather(obj, ddp):
+    """A list with every rank's obj (what each rank needs to resume), [obj] for one process."""
+    if ddp.world == 1:
+        return [obj]
+    objects = [None] * ddp.world
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+# -----------------------------------------------------------------------------
 # data: three sources with one interface (get_batch, vocabulary, state for --resume)
 
 def prepared(cfg, name, kind):
@@ -202,11 +255,11 @@ class Data:
 class NCAData(Data):
     """Stage-1 batches streamed from nca.py; the validation set is a fixed set of held-out rules."""
 
-    def __init__(self, nca_cfg, cfg, block_size):
+    def __init__(self, nca_cfg, cfg, block_size, rank=0):
         self.name, self.tokenizer, self.eot_token = "nca", None, None
         self.vocab_size = nca_cfg.vocab_size
-        self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
-                                    num_rules=cfg.nca_num_rules)
+        self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
+                                    device=cfg.device, num_rules=cfg.nca_num_rules)
         held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + 1_000_003, device=cfg.device)
         self.val = [held_out.next_batch() for _ in range(cfg.eval_iters)]
 
@@ -223,12 +276,12 @@ class NCAData(Data):
 class TokenData(Data):
     """nanoGPT's memmapped uint16 corpus: random windows for training, fixed windows for validation."""
 
-    def __init__(self, name, cfg, block_size):
+    def __init__(self, name, cfg, block_size, rank=0):
         self.data_dir, meta = prepared(cfg, name, "tokens")
         self.name, self.tokenizer, self.eot_token = name, meta["tokenizer"], meta["eot_token"]
         self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, cfg.batch_size
         self.device = cfg.device
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
         for split in ("train", "val"):
             n = os.path.getsize(os.path.join(self.data_dir, f"{split}.bin")) // 2
             if n <= block_size + 1:
@@ -250,7 +303,7 @@ class TokenData(Data):
 class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
-    def __init__(self, name, cfg, block_size, tokenizer):
+    def __init__(self, name, cfg, block_size, tokenizer, rank=0):
         self.data_dir, meta = prepared(cfg, name, "pairs")
         self.name, self.tokenizer, self.stop = name, tokenizer, meta["stop"]
         enc = get_tokenizer(tokenizer)
@@ -262,7 +315,7 @@ class PairData(Data):
         if longest > block_size + 1:
             raise ValueError(f"{self.data_dir} has a prompt + completion of {longest} tokens; --block_size "
                              f"{block_size} must be at least {longest - 1}")
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
         val = self.pairs["val"]
         self.val = [self.collate(val[i:i + self.batch_size]) for i in
                     range(0, min(len(val), cfg.eval_iters * self.batch_size), self.batch_size)]
@@ -284,12 +337,12 @@ class PairData(Data):
         return self.collate([pairs[i] for i in picks])
 
 
-def make_data(stage, cfg, nca_cfg, block_size, tokenizer):
+def make_data(stage, cfg, nca_cfg, block_size, tokenizer, rank=0):
     if stage == "prepretrain" and cfg.prepretrain_data == "nca":
-        return NCAData(nca_cfg, cfg, block_size)
+        return NCAData(nca_cfg, cfg, block_size, rank)
     if stage == "finetune":
-        return PairData(cfg.finetune_data, cfg, block_size, tokenizer)
-    return TokenData(getattr(cfg, f"{stage}_data"), cfg, block_size)
+        return PairData(cfg.finetune_data, cfg, block_size, tokenizer, rank)
+    return TokenData(getattr(cfg, f"{stage}_data"), cfg, block_size, rank)
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +355,18 @@ def get_lr(it, max_iters, lr, warmup_frac, min_lr_frac):
         return lr * (it + 1) / warmup
     progress = (it - warmup) / max(1, max_iters - warmup)
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def peak_flops(cfg):
+    """FLOP/s of one device at 100% utilisation, or None where unknown (CPUs)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if cfg.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(cfg.device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
 
 
 @torch.no_grad()
@@ -359,7 +424,8 @@ def build_model(stage, cfg, model_cfg, data, init):
 # -----------------------------------------------------------------------------
 # one stage: the training loop
 
-def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
+def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
+    """Train one stage; returns its checkpoint path and what was measured (tokens/s, data wait, MFU)."""
     max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
     stage_dir = os.path.join(cfg.out_dir, stage)
     ckpt_path, log_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "log.jsonl")
@@ -367,14 +433,14 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
     resume = load_checkpoint(ckpt_path, cfg.device) if cfg.resume and os.path.exists(ckpt_path) else None
     if resume is not None and resume["iter_num"] >= max_iters:
         print(f"== {stage}: already complete in {ckpt_path}, skipping")
-        return ckpt_path
+        return ckpt_path, {}
     init = load_checkpoint(init_path, cfg.device) if init_path and resume is None else None
     tokenizer = (resume or init or {}).get("data", {}).get("tokenizer")
     if stage == "finetune" and tokenizer is None:  # from scratch: the pre-training corpus's tokenizer
         tokenizer = prepared(cfg, cfg.pretrain_data, "tokens")[1]["tokenizer"]
     print(f"== {stage}: {max_iters} iterations on {getattr(cfg, f'{stage}_data')}, lr {base_lr}")
     torch.manual_seed(cfg.seed)
-    data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer)
+    data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer, ddp.rank)
 
     if resume is not None:
         model = GPT(ModelConfig(**resume["model_args"]))
@@ -391,15 +457,19 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
     prior_tokens = (init["prior_tokens"] + init["tokens_seen"]) if init is not None else 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        data.load_state_dict(resume["data_state"])
-        torch.set_rng_state(resume["rng"])
+        if len(resume["rank_state"]) != ddp.world:
+            raise ValueError(f"--resume: {ckpt_path} was written by {len(resume['rank_state'])} processes; resume it "
+                             f"with as many (this job has {ddp.world}) to continue the same data order")
+        data.load_state_dict(resume["rank_state"][ddp.rank]["data"])
+        torch.set_rng_state(resume["rank_state"][ddp.rank]["rng"])
         iter_num, tokens_seen, best_val_loss = resume["iter_num"], resume["tokens_seen"], resume["best_val_loss"]
         prior_tokens = resume["prior_tokens"]
-        with open(log_path) as f:  # drop what was logged after the checkpoint: those iterations run again
-            kept = [line for line in f if json.loads(line)["iter"] <= iter_num]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    else:
+        if ddp.master:
+            with open(log_path) as f:  # drop what was logged after the checkpoint: those iterations run again
+                kept = [line for line in f if json.loads(line)["iter"] <= iter_num]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+    elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
 
     if device_type == "cuda":
@@ -409,20 +479,23 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     train_model = torch.compile(model) if cfg.compile else model  # checkpoints save the un-compiled `model`
+    if ddp.world > 1:  # averages gradients across the ranks during backward
+        train_model = DistributedDataParallel(train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
+    micro_steps = cfg.grad_accum // ddp.world  # per rank; cfg.grad_accum is the whole job's
+    flops_per_token, peak = model.flops_per_token(), peak_flops(cfg)
 
-    def checkpoint():
+    def checkpoint(rank_state):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
                 "config": asdict(cfg), "nca_config": asdict(nca_cfg) if data.name == "nca" else None,
                 "stage": stage, "data": {"name": data.name, "tokenizer": data.tokenizer,
                                          "vocab_size": data.vocab_size, "eot_token": data.eot_token},
                 "iter_num": iter_num, "max_iters": max_iters, "tokens_seen": tokens_seen,
-                "prior_tokens": prior_tokens, "best_val_loss": best_val_loss, "data_state": data.state_dict(),
-                "rng": torch.get_rng_state(),
+                "prior_tokens": prior_tokens, "best_val_loss": best_val_loss, "rank_state": rank_state,
                 "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
 
     t_start = t_log = time.time()
-    data_time = 0.0
-    tokens_at_log, it_start = tokens_seen, iter_num
+    data_time = total_data_time = 0.0
+    tokens_at_log, tokens_at_start, it_start = tokens_seen, tokens_seen, iter_num
     while True:
         if iter_num == max_iters or iter_num % cfg.eval_interval == 0 and (iter_num > it_start or resume is None):
             val_loss = estimate_loss(model, data, autocast)
@@ -435,10 +508,13 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
             if not math.isfinite(val_loss):
                 raise RuntimeError(f"{stage}: validation loss is {val_loss} at iteration {iter_num}; stopping. "
                                    f"The last good checkpoint is kept in {ckpt_path}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             if iter_num > it_start or iter_num == max_iters:
-                save_checkpoint(ckpt_path, checkpoint())
+                rank_state = gather({"data": data.state_dict(), "rng": torch.get_rng_state()}, ddp)  # all ranks
+                if ddp.master:
+                    save_checkpoint(ckpt_path, checkpoint(rank_state))
+            if ddp.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
         if iter_num >= max_iters:
             break
 
@@ -446,16 +522,18 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro_step in range(micro_steps):
             t0 = time.time()
             x, y = data.get_batch("train")
             data_time += time.time() - t0
+            if ddp.world > 1:  # average the gradients across ranks only once, on the last micro-step
+                train_model.require_backward_grad_sync = micro_step == micro_steps - 1
             with autocast:
                 _, loss = train_model(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.scale(loss / micro_steps).backward()
             loss_sum += loss.item()
-            tokens_seen += x.numel()
-        loss_value = loss_sum / cfg.grad_accum
+            tokens_seen += x.numel() * ddp.world
+        loss_value = loss_sum / micro_steps
         if not math.isfinite(loss_value):
             raise RuntimeError(f"{stage}: training loss is {loss_value} at iteration {iter_num}; stopping without "
                                f"saving. The last good checkpoint is kept in {ckpt_path}; try a lower --{stage}_lr")
@@ -471,25 +549,54 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path):
             now = time.time()
             tok_per_s = (tokens_seen - tokens_at_log) / (now - t_log)
             eta = (now - t_start) / (iter_num - it_start) * (max_iters - iter_num)
+            mfu = f" | mfu {flops_per_token * tok_per_s / (peak * ddp.world):.1%}" if peak else ""
             print(f"{stage} iter {iter_num}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                  f"tokens {tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s | data {data_time / (now - t_log):.0%} "
-                  f"| eta {eta / 60:.1f} min", flush=True)
+                  f"tokens {tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s{mfu} | "
+                  f"data {data_time / (now - t_log):.0%} | eta {eta / 60:.1f} min", flush=True)
+            total_data_time += data_time
             t_log, tokens_at_log, data_time = now, tokens_seen, 0.0
-    print(f"== {stage} done in {(time.time() - t_start) / 60:.1f} min: best val loss {best_val_loss:.4f}, "
+    seconds = time.time() - t_start
+    stats = {"tokens_per_s": (tokens_seen - tokens_at_start) / seconds, "data_wait": (total_data_time + data_time) / seconds}
+    stats["mfu"] = flops_per_token * stats["tokens_per_s"] / (peak * ddp.world) if peak else None
+    print(f"== {stage} done in {seconds / 60:.1f} min: best val loss {best_val_loss:.4f}, "
+          f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
           f"checkpoint {ckpt_path}")
-    return ckpt_path
+    return ckpt_path, stats
+
+
+def benchmark(cfg, model_cfg, nca_cfg, ddp):
+    """NCA tokens/s (raw and filtered), then stage-1 training tokens/s, data wait, MFU and peak memory."""
+    speed = nca.measure_throughput(nca_cfg, cfg.device, batch_size=cfg.batch_size, seq_len=model_cfg.block_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_cfg = dataclasses.replace(cfg, out_dir=tmp, eval_interval=10 ** 9, resume=False, init_from="")
+        _, stats = train_stage("prepretrain", bench_cfg, model_cfg, nca_cfg, "", ddp)
+    if cfg.device.startswith("cuda"):
+        peak_memory = torch.cuda.max_memory_allocated(cfg.device) / 2 ** 30
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    mfu = f"{stats['mfu']:.1%}" if stats["mfu"] is not None else "n/a (no peak known for this device: --peak_tflops)"
+    print(f"bench: nca_raw_tokens_per_s={speed['raw']:.0f} nca_filtered_tokens_per_s={speed['filtered']:.0f} "
+          f"train_tokens_per_s={stats['tokens_per_s']:.0f} data_wait={stats['data_wait']:.1%} mfu={mfu} "
+          f"peak_memory_gib={peak_memory:.2f} device={cfg.device} world={ddp.world}")
 
 
 def main(argv=None):
     cfg, model_cfg, nca_cfg = parse_args(argv)
+    ddp = setup_distributed(cfg)
     print("config:", json.dumps({**asdict(cfg), **asdict(model_cfg), **asdict(nca_cfg)}))
-    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
-    init_path = cfg.init_from
-    for stage in stages:
-        if getattr(cfg, f"{stage}_iters") == 0:
-            print(f"== {stage}: 0 iterations, skipped")
-            continue
-        init_path = train_stage(stage, cfg, model_cfg, nca_cfg, init_path)
+    try:
+        if cfg.bench:
+            return benchmark(cfg, model_cfg, nca_cfg, ddp)
+        stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+        init_path = cfg.init_from
+        for stage in stages:
+            if getattr(cfg, f"{stage}_iters") == 0:
+                print(f"== {stage}: 0 iterations, skipped")
+                continue
+            init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+    finally:
+        if ddp.world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
