@@ -21,7 +21,7 @@ Usage:
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -30,18 +30,23 @@ from torch.nn import functional as F
 GROUPS = ("embedding", "head", "attention", "mlp", "norm")  # component groups for the transfer study
 
 
+def arg(default, help=""):
+    """A config field with its --help text; the dataclass is the one place for both."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 10002
-    block_size: int = 256       # max sequence length (rotary table size); the paper: 1024
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    multiple_of: int = 32       # SwiGLU hidden = 2/3*4*n_embd rounded up to a multiple of this (llama2.c rule)
-    ffn_dim: int = 0            # SwiGLU hidden size set directly (the paper: 4*n_embd); 0 = the rule above
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
+    vocab_size: int = arg(10002, "set from the data")
+    block_size: int = arg(256, "max sequence length (rotary table size); the paper: 1024")
+    n_layer: int = arg(4, "transformer blocks")
+    n_head: int = arg(4, "attention heads")
+    n_embd: int = arg(128, "width of the residual stream")
+    multiple_of: int = arg(32, "SwiGLU hidden = 2/3*4*n_embd rounded up to a multiple of this (llama2.c rule)")
+    ffn_dim: int = arg(0, "SwiGLU hidden size set directly (the paper: 4*n_embd); 0 = the rule above")
+    rope_theta: float = arg(10000.0, "rotary base frequency")
+    norm_eps: float = arg(1e-5, "RMSNorm epsilon")
+    dropout: float = arg(0.0, "0 for pre-training")
 
     @property
     def hidden_dim(self):

@@ -23,7 +23,7 @@ import functools
 import math
 import time
 import zlib
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, field, fields
 
 import numpy as np
 import torch
@@ -32,19 +32,24 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
+def arg(default, help=""):
+    """A config field with its --help text; the dataclass is the one place for both."""
+    return field(default=default, metadata={"help": help})
+
+
 
 @dataclass
 class NCAConfig:
-    grid: int = 12                 # the grid is grid x grid cells on a torus
-    num_colors: int = 10           # alphabet size C: every cell holds one of C states
-    patch: int = 2                 # frames are cut into patch x patch tiles, one token each
-    temperature: float = 1e-4      # sampling temperature of the update (1e-4: practically argmax; 0: exactly argmax)
-    identity_bias: float = 0.0     # added to the logit of a cell's current state (a bias towards staying put)
-    burn_in: int = 10              # updates run and discarded before the first recorded frame
-    dT: int = 1                    # updates between two recorded frames
-    band_lo: float = 0.5           # keep a rule when band_lo < gzip ratio < band_hi
-    band_hi: float = 1.0
-    score_frames: int = 10         # frames used to compute a rule's gzip ratio
+    grid: int = arg(12, "the grid is grid x grid cells on a torus")
+    num_colors: int = arg(10, "alphabet size C: every cell holds one of C states")
+    patch: int = arg(2, "frames are cut into patch x patch tiles, one token each")
+    temperature: float = arg(1e-4, "sampling temperature of the update (1e-4: practically argmax; 0: exactly argmax)")
+    identity_bias: float = arg(0.0, "added to the logit of a cell's current state (a bias towards staying put)")
+    burn_in: int = arg(10, "updates run and discarded before the first recorded frame")
+    dT: int = arg(1, "updates between two recorded frames")
+    band_lo: float = arg(0.5, "keep a rule when band_lo < gzip ratio < band_hi")
+    band_hi: float = arg(1.0, "see band_lo")
+    score_frames: int = arg(10, "frames used to compute a rule's gzip ratio")
 
     @property
     def patches_per_frame(self):
@@ -484,7 +489,8 @@ def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
     hist.hist(ratios, bins=50, color="gray")
     for edge in (cfg.band_lo, cfg.band_hi):
         hist.axvline(edge, color="red", linestyle="--")
-    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {in_band(ratios, cfg).mean():.0%} accepted)")
+    accepted = in_band(ratios, cfg).mean()
+    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {accepted:.0%} accepted)")
     fig.suptitle(f"NCA rollouts, {cfg.grid}x{cfg.grid}, {cfg.num_colors} colours; frames left to right, dT={cfg.dT}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -496,7 +502,7 @@ def add_config_flags(parser):
     for f in fields(NCAConfig):
         if f.name in ("band_lo", "band_hi"):
             continue
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
     parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
                         metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
 

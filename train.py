@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, field, fields
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import nca
 from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs
-from model import GPT, GROUPS, ModelConfig, transfer
+from model import GPT, GROUPS, ModelConfig, arg, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
 OFFLINE_DATA = ("stdlib", "dyck", "arith")  # made from what is on this machine: prepared on first use
@@ -45,46 +45,47 @@ OFFLINE_DATA = ("stdlib", "dyck", "arith")  # made from what is on this machine:
 @dataclass
 class TrainConfig:
     # run
-    stage: str = "all"               # prepretrain | pretrain | finetune | all (the three in order)
-    out_dir: str = "out"
-    init_from: str = ""              # checkpoint to start from ("" = from scratch; --stage all chains the stages)
-    resume: bool = False             # continue out_dir/<stage>/ckpt.pt where it stopped
-    seed: int = 0
-    data_dir: str = DATA_DIR         # datasets live in data_dir/<name>/
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    compile: bool = False            # torch.compile the model (GPU)
-    peak_tflops: float = 0.0         # the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS
-    bench: bool = False              # measure NCA and training throughput on this config, then exit
+    stage: str = arg("all", "prepretrain | pretrain | finetune | all (the three in order)")
+    out_dir: str = arg("out", "each stage writes out_dir/<stage>/ckpt.pt and log.jsonl")
+    init_from: str = arg("", 'checkpoint to start from ("" = from scratch; --stage all chains the stages)')
+    resume: bool = arg(False, "continue out_dir/<stage>/ckpt.pt where it stopped")
+    seed: int = arg(0, "seeds the model init and the data order")
+    data_dir: str = arg(DATA_DIR, "datasets live in data_dir/<name>/")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu")
+    dtype: str = arg("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    peak_tflops: float = arg(0.0, "the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS")
+    bench: bool = arg(False, "measure NCA and training throughput on this config, then exit")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
-    prepretrain_data: str = "nca"
-    prepretrain_iters: int = 150     # 0 skips the stage: the from-scratch control
-    prepretrain_lr: float = 3e-4     # gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale
-    nca_num_rules: int = 0           # 0: a fresh rule for every sequence; N: a fixed pool of N rules
+    prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, c4)")
+    prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
+    prepretrain_lr: float = arg(3e-4, "gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale")
+    nca_num_rules: int = arg(0, "0: a fresh rule for every sequence; N: a fixed pool of N rules")
     # stage 2: language pre-training
-    pretrain_data: str = "stdlib"
-    pretrain_iters: int = 1000
-    pretrain_lr: float = 2e-3
-    reinit: str = "auto"             # groups re-initialised on transfer; auto: embedding,head after stage 1
-                                     # (as the paper, also for controls with the same vocabulary) or on a new vocab
-    freeze: str = ""                 # groups kept frozen after transfer (comma-separated, of GROUPS)
+    pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
+    pretrain_iters: int = arg(1000, "iterations of stage 2")
+    pretrain_lr: float = arg(2e-3, "peak learning rate of stage 2")
+    reinit: str = arg("auto", "groups re-initialised on transfer (comma-separated: embedding, head, attention, mlp, "
+                              "norm); auto: embedding,head after stage 1 (as the paper; also for controls with the "
+                              "same vocabulary) or on a new vocabulary")
+    freeze: str = arg("", "groups kept frozen after transfer (comma-separated, as --reinit)")
     # stage 3: fine-tuning
-    finetune_data: str = "arith"
-    finetune_iters: int = 300
-    finetune_lr: float = 5e-4
+    finetune_data: str = arg("arith", "prompt/completion pairs in data_dir")
+    finetune_iters: int = arg(300, "iterations of stage 3")
+    finetune_lr: float = arg(5e-4, "peak learning rate of stage 3")
     # optimisation, shared by the stages
-    batch_size: int = 16             # sequences per micro-step
-    grad_accum: int = 1              # micro-steps per optimizer step
-    warmup_frac: float = 0.1         # linear warmup over this fraction of the stage's iterations
-    min_lr_frac: float = 0.1         # cosine decay ends at min_lr_frac * lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0           # 0 disables clipping
+    batch_size: int = arg(16, "sequences per micro-step")
+    grad_accum: int = arg(1, "micro-steps per optimizer step")
+    warmup_frac: float = arg(0.1, "linear warmup over this fraction of the stage's iterations")
+    min_lr_frac: float = arg(0.1, "cosine decay ends at min_lr_frac * lr")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "0 disables clipping")
     # evaluation and logging
-    eval_interval: int = 100
-    eval_iters: int = 10             # batches per loss estimate (the same fixed batches every time)
-    log_interval: int = 10
+    eval_interval: int = arg(100, "iterations between evaluations (and checkpoints)")
+    eval_iters: int = arg(10, "batches per loss estimate (the same fixed batches every time)")
+    log_interval: int = arg(10, "iterations between log lines")
 
 
 # dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate; CPUs get no MFU
@@ -101,9 +102,10 @@ def add_flags(parser, cls, skip=()):
         if f.name in skip:
             continue
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help"))
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
 
 
 def pick(args, cls, **extra):
@@ -480,7 +482,8 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     train_model = torch.compile(model) if cfg.compile else model  # checkpoints save the un-compiled `model`
     if ddp.world > 1:  # averages gradients across the ranks during backward
-        train_model = DistributedDataParallel(train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
+        device_ids = [ddp.local_rank] if device_type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
     micro_steps = cfg.grad_accum // ddp.world  # per rank; cfg.grad_accum is the whole job's
     flops_per_token, peak = model.flops_per_token(), peak_flops(cfg)
 
@@ -556,7 +559,8 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
             total_data_time += data_time
             t_log, tokens_at_log, data_time = now, tokens_seen, 0.0
     seconds = time.time() - t_start
-    stats = {"tokens_per_s": (tokens_seen - tokens_at_start) / seconds, "data_wait": (total_data_time + data_time) / seconds}
+    stats = {"tokens_per_s": (tokens_seen - tokens_at_start) / seconds,
+             "data_wait": (total_data_time + data_time) / seconds}
     stats["mfu"] = flops_per_token * stats["tokens_per_s"] / (peak * ddp.world) if peak else None
     print(f"== {stage} done in {seconds / 60:.1f} min: best val loss {best_val_loss:.4f}, "
           f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
