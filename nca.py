@@ -280,8 +280,8 @@ def gzip_ratio(ids):
 
 
 def score_rules(rule_seeds, grid_seeds, cfg):
-    """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time) so an accepted
-    rule's rollout can continue where scoring stopped."""
+    """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time, rule weights), so an
+    accepted rule's rollout can continue where scoring stopped: a training sequence starts with its scored frames."""
     rules = sample_rules(rule_seeds, cfg.num_colors)
     grid = initial_grids(grid_seeds, cfg)
     frames, grid, t = rollout(grid, rules, grid_seeds, 0, cfg.score_frames, cfg, skip=cfg.burn_in)
