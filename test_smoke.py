@@ -1050,6 +1050,23 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert torch.equal(train.load_checkpoint(path, "cpu")["model"]["w"], torch.ones(3))
 
 
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    """A real process killed while torch.save is writing a big checkpoint: the old file must survive intact."""
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(str(path), {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
+    script = ("import sys, torch, train; train.save_checkpoint(sys.argv[1], {'model': {'w': torch.zeros(200_000_000)}, "
+              "'model_args': {}, 'stage': 'pretrain'})")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO_ROOT)
+    tmp = tmp_path / "ckpt.pt.tmp"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not (tmp.exists() and tmp.stat().st_size > 0):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the save finished before it could be killed"
+    assert torch.equal(train.load_checkpoint(str(path), "cpu")["model"]["w"], torch.ones(3))
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     flags = run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "4", "--eval_interval", "2")
     train.main(flags)

@@ -180,7 +180,12 @@ def validate(cfg, model_cfg, nca_cfg):
                              f"there or made offline: {', '.join(known)} "
                              f"(the web corpora: python -m data.hf.prepare --dataset NAME)")
         data_dir = os.path.join(cfg.data_dir, name)  # missing or broken files: say so now, not hours later
-        (load_meta if stage == "finetune" else check_prepared)(data_dir, name)
+        if stage == "finetune":
+            load_meta(data_dir, name)
+            for split in ("train", "val"):
+                load_pairs(data_dir, split, name)
+        else:
+            check_prepared(data_dir, name)
 
 
 # -----------------------------------------------------------------------------
