@@ -265,10 +265,11 @@ def expand_runs(patterns):
 
 
 def arm_of(run_dir):
-    """Runs named <arm>_seed<k> are repeats of one arm; any other run is an arm of its own."""
+    """(arm, seed) of a run: runs named <arm>_seed<k> are repeats of one arm; any other run is an arm of its own
+    (seed None)."""
     name = os.path.basename(os.path.normpath(run_dir))
-    match = re.fullmatch(r"(.+)_seed\d+", name)
-    return match.group(1) if match else name
+    match = re.fullmatch(r"(.+)_seed(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
 
 
 def mean_curve(curves):
@@ -301,8 +302,10 @@ def compare_runs(run_dirs, stage="pretrain", baseline=None):
     arms = {}
     for run in run_dirs:
         tokens, prior, losses = read_log(run, stage)
-        arm = arms.setdefault(arm_of(run), {"runs": [], "curves": [], "total_curves": []})
+        name, seed = arm_of(run)
+        arm = arms.setdefault(name, {"runs": [], "seeds": [], "curves": [], "total_curves": []})
         arm["runs"].append(run)
+        arm["seeds"].append(seed)
         arm["curves"].append((tokens, losses))
         arm["total_curves"].append((prior + tokens, losses))  # matched total compute: earlier stages count too
     if baseline is None:
@@ -315,9 +318,14 @@ def compare_runs(run_dirs, stage="pretrain", baseline=None):
     base, base_total = mean_curve(arms[baseline]["curves"]), mean_curve(arms[baseline]["total_curves"])
     base_tokens = tokens_to_reach(base[0], base[1], base[1][-1])
     base_total_tokens = tokens_to_reach(base_total[0], base_total[1], base_total[1][-1])
+    base_by_seed = dict(zip(arms[baseline]["seeds"], arms[baseline]["curves"]))
     rows = []
     for name, arm in arms.items():
         finals = [losses[-1] for _, losses in arm["curves"]]
+        # the paired view: each run against the baseline run of the same seed (same stage-2 data order), which
+        # removes the seed-to-seed spread that both arms share
+        paired = [] if name == baseline else [f - base_by_seed[seed][1][-1]
+                                              for seed, f in zip(arm["seeds"], finals) if seed in base_by_seed]
         rows.append({
             "arm": name, "runs": len(arm["runs"]), "final_loss": finals,
             "change": [100 * (f / base[1][-1] - 1) for f in finals],
@@ -326,45 +334,84 @@ def compare_runs(run_dirs, stage="pretrain", baseline=None):
             "speedup_bound": [base_tokens / c[0][-1] for c in arm["curves"]],
             "speedup_total": [speedup(base_total[:2], c) for c in arm["total_curves"]],
             "speedup_total_bound": [base_total_tokens / c[0][-1] for c in arm["total_curves"]],
+            "paired": paired,
         })
     return arms, rows, baseline
 
 
 def markdown_table(rows, baseline):
     lines = [f"| arm | runs | final val loss | final ppl | loss vs {baseline} | ppl vs {baseline} | "
-             f"speed-up (language tokens) | speed-up (total tokens) |", "|" + " --- |" * 8]
+             f"speed-up (language tokens) | speed-up (total tokens) | loss - {baseline}, same seed (lower in) |",
+             "|" + " --- |" * 9]
     for r in rows:
+        paired = "-"
+        if r["paired"]:
+            lower = sum(d < 0 for d in r["paired"])
+            paired = f"{mean_std(r['paired'], 4)} ({lower}/{len(r['paired'])})"
         lines.append(f"| {r['arm']} | {r['runs']} | {mean_std(r['final_loss'], 4)} | "
                      f"{mean_std([math.exp(f) for f in r['final_loss']], 3)} | {mean_std(r['change'], 1, '%')} | "
                      f"{mean_std(r['ppl_change'], 1, '%')} | {format_speedups(r['speedup'], r['speedup_bound'])} | "
-                     f"{format_speedups(r['speedup_total'], r['speedup_total_bound'])} |")
+                     f"{format_speedups(r['speedup_total'], r['speedup_total_bound'])} | {paired} |")
     return "\n".join(lines)
 
 
-def plot_compare(arms, out, stage):
+def difference_curve(arm, base_arm):
+    """Mean and std over an arm's runs of (its loss - the baseline's loss) at the baseline's eval points (language
+    tokens); each run is paired with the baseline run of its seed, or with the baseline mean if there is none."""
+    base_by_seed = dict(zip(base_arm["seeds"], base_arm["curves"]))
+    base_tokens, base_mean, _ = mean_curve(base_arm["curves"])
+    tokens = base_tokens[base_tokens <= min(t[-1] for t, _ in arm["curves"])]
+    diffs = []
+    for seed, (t, losses) in zip(arm["seeds"], arm["curves"]):
+        reference = np.interp(tokens, *base_by_seed[seed]) if seed in base_by_seed else base_mean[:len(tokens)]
+        diffs.append(np.interp(tokens, t, losses) - reference)
+    diffs = np.stack(diffs)
+    std = diffs.std(axis=0, ddof=1) if len(diffs) > 1 else np.zeros(len(tokens))
+    return tokens, diffs.mean(axis=0), std
+
+
+def plot_compare(arms, out, stage, baseline=None):
+    """Validation loss of every arm (mean +- std over seeds) against language tokens and against all tokens; with a
+    baseline, a third panel shows each arm's loss minus the baseline's, where differences of 1% are visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, panels = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, panels = plt.subplots(1, 3 if baseline else 2, figsize=(18 if baseline else 12, 4.5))
+    colours = {name: f"C{i}" for i, name in enumerate(arms)}
+
+    def draw(ax, name, tokens, mean, std):
+        n = len(arms[name]["runs"])
+        ax.plot(tokens, mean, color=colours[name], label=f"{name} (mean of {n})" if n > 1 else name)
+        if n > 1:
+            ax.fill_between(tokens, mean - std, mean + std, color=colours[name], alpha=0.2)
+
     tops = []
     for ax, key, xlabel in ((panels[0], "curves", f"{stage} tokens (matched language tokens)"),
                             (panels[1], "total_curves", "all tokens, earlier stages included (matched total compute)")):
         for name, arm in arms.items():
             tokens, mean, std = mean_curve(arm[key])
-            label = f"{name} (mean of {len(arm['runs'])})" if len(arm["runs"]) > 1 else name
-            line, = ax.plot(tokens, mean, label=label)
-            if len(arm["runs"]) > 1:
-                ax.fill_between(tokens, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            draw(ax, name, tokens, mean, std)
             tops.append(mean[min(1, len(mean) - 1)])
         ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
-    panels[0].set_ylabel("validation loss (nats/token)")
     # the loss at iteration 0 (about ln V for a fresh head) would flatten everything after it, so cut the view at
     # the first evaluation after training began
     bottom = min(min(losses.min() for _, losses in arm["curves"]) for arm in arms.values())
-    panels[0].set_ylim(bottom - 0.02 * abs(bottom), max(tops) * 1.02)
+    for ax in panels[:2]:
+        ax.set_ylim(bottom - 0.02 * abs(bottom), max(tops) * 1.02)
     panels[0].legend()
+    if baseline:
+        ax = panels[2]
+        for name, arm in arms.items():
+            if name != baseline:
+                tokens, mean, std = difference_curve(arm, arms[baseline])
+                draw(ax, name, tokens[1:], mean[1:], std[1:])  # from the first eval after training began
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(f"{stage} tokens (matched language tokens)")
+        ax.set_ylabel(f"validation loss - {baseline} (same seed; below 0 is better)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -375,7 +422,7 @@ def run_compare(args):
     arms, rows, baseline = compare_runs(expand_runs(args.runs), args.stage, args.baseline)
     table = markdown_table(rows, baseline)
     print(table)
-    plot_compare(arms, args.out, args.stage)
+    plot_compare(arms, args.out, args.stage, baseline)
     return table
 
 # -----------------------------------------------------------------------------

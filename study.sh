@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # The miniature reproduction: does NCA pre-pre-training help language pre-training at small scale?
 #
-#   bash study.sh                 # 3 seeds side by side (one thread each): ~50 min on a 2-core CPU
-#   SEEDS="0 1 2 3 4" bash study.sh
+#   bash study.sh                                   # the 5 main arms x 3 seeds: ~50 min on a 2-core CPU
+#   SEEDS="3 4 5" bash study.sh                     # more seeds, added to the same table
+#   ARMS="nca-10colours nca-lr1e-3" bash study.sh   # the exploration arms (README, "What we tried")
 #
-# Arms (every arm then pre-trains on the same Python-stdlib corpus, same seed, same stage-2 data order):
+# Every arm then pre-trains on the same Python-stdlib corpus, with the same seed and the same stage-2 data order:
 #   scratch            no stage 1
 #   nca                stage 1 on NCA rollouts (4 colours, gzip band (0.25, 1): at 4 colours no rule reaches 0.5)
 #   dyck               stage 1 on Dyck (balanced brackets), the same token budget and learning rate
+#   c4                 stage 1 on natural text (needs `python -m data.hf.prepare --dataset c4`, a download)
 #   nca-reinit-attn    the nca stage-1 model, but attention re-initialised before stage 2 (only MLP, norms carried)
 #   nca-reinit-mlp     the nca stage-1 model, but MLPs re-initialised before stage 2 (only attention, norms carried)
-# Then eval.py compare writes the table and plot of stage-2 validation loss.
+# exploration (one knob of the nca arm changed each):
+#   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
+#   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
+#   nca-long           3x the stage-1 tokens (1500 iterations, 6.1M tokens)
+# Then eval.py compare writes the table and plot of stage-2 validation loss against the scratch arm.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/study}
 SEEDS=${SEEDS:-"0 1 2"}
+ARMS=${ARMS:-"scratch nca dyck nca-reinit-attn nca-reinit-mlp"}
 # shared: model shape (train.py defaults: 4 layers, width 128, block 256), batch 16 x 256 tokens
 COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
@@ -22,21 +29,27 @@ STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"         
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
 
-run_seed() {
-  local seed=$1
-  python train.py $COMMON $STAGE2 --seed $seed --prepretrain_iters 0 --out_dir $OUT/scratch_seed$seed
-  python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --out_dir $OUT/nca_seed$seed
-  python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --prepretrain_data dyck --out_dir $OUT/dyck_seed$seed
-  for part in attn mlp; do
-    group=$([ $part = attn ] && echo attention || echo mlp)
-    python train.py $COMMON $STAGE2 --seed $seed --stage pretrain --reinit embedding,head,$group \
-      --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --out_dir $OUT/nca-reinit-${part}_seed$seed
-  done
+run_arm() {  # run_arm <arm> <seed>
+  local arm=$1 seed=$2 dir=$OUT/$1_seed$2
+  case $arm in
+    scratch)         python train.py $COMMON $STAGE2 --prepretrain_iters 0 --seed $seed --out_dir $dir ;;
+    nca)             python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --out_dir $dir ;;
+    dyck|c4)         python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data $arm --seed $seed --out_dir $dir ;;
+    nca-reinit-attn|nca-reinit-mlp)
+      [ -f $OUT/nca_seed$seed/prepretrain/ckpt.pt ] || run_arm nca $seed
+      local group=$([ $arm = nca-reinit-attn ] && echo attention || echo mlp)
+      python train.py $COMMON $STAGE2 --stage pretrain --reinit embedding,head,$group \
+        --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
+    nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
+    nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
+    nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;
+    *) echo "study.sh: unknown arm '$arm' in ARMS" >&2; exit 2 ;;
+  esac
 }
 
 python -m data.stdlib.prepare > /dev/null && python -m data.dyck.prepare > /dev/null  # once, before the runs
-for seed in $SEEDS; do
-  run_seed $seed > $OUT/seed$seed.log 2>&1 &
+for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
+  (for arm in $ARMS; do run_arm $arm $seed; done) > $OUT/seed$seed.$(echo $ARMS | tr ' ' '+').log 2>&1 &
 done
 wait
-python eval.py compare --runs "$OUT/*" --stage pretrain --baseline scratch --out $OUT/compare.png | tee $OUT/table.md
+python eval.py compare --runs "$OUT/*_seed*" --stage pretrain --baseline scratch --out $OUT/compare.png | tee $OUT/table.md

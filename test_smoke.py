@@ -944,7 +944,12 @@ def test_compare_groups_seeds_into_arms(tmp_path):
     assert evaluate.format_speedups(row["speedup"], row["speedup_bound"]) == "2.00x (1/2 reached)"
     table = evaluate.markdown_table(rows, baseline)
     assert f"1.2000 ± {np.std([1.0, 1.4], ddof=1):.4f}" in table
-    evaluate.plot_compare(arms, str(tmp_path / "seeds.png"), "pretrain")
+    # paired with the scratch run of the same seed: 1.0 - 1.2 and 1.4 - 1.4; one of the two seeds lower
+    assert row["paired"] == [pytest.approx(-0.2), pytest.approx(0.0)]
+    assert f"-0.1000 ± {np.std([-0.2, 0.0], ddof=1):.4f} (1/2)" in table
+    tokens, mean, std = evaluate.difference_curve(arms["nca"], arms["scratch"])
+    np.testing.assert_allclose(mean, [0.0, (-0.7 - 0.6) / 2, -0.1])
+    evaluate.plot_compare(arms, str(tmp_path / "seeds.png"), "pretrain", baseline)
     assert os.path.getsize(tmp_path / "seeds.png") > 0
 
 
