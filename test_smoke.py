@@ -1098,6 +1098,25 @@ def test_ranks_draw_different_data(tmp_path, tiny_data):
         assert not torch.equal(first[0], first[1]), stage
 
 
+def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
+    nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
+
+    def data(prefetch):
+        return train.NCAData(nca_cfg, train.TrainConfig(batch_size=3, eval_iters=1, nca_prefetch=prefetch), 48)
+
+    plain, ahead = data(False), data(True)
+    for _ in range(3):
+        assert torch.equal(plain.get_batch("train")[0], ahead.get_batch("train")[0])
+    ahead.ahead.result()  # the 4th batch is made ahead (as during a training step) ...
+    state = ahead.state_dict()  # ... but the state taken now must be the one after 3 batches
+    expected = [plain.get_batch("train")[0] for _ in range(2)]
+    assert [torch.equal(ahead.get_batch("train")[0], e) for e in expected] == [True, True]
+    resumed = data(True)
+    resumed.get_batch("train")  # its thread is now making a batch ahead, which the rewind must discard
+    resumed.load_state_dict(state)
+    assert [torch.equal(resumed.get_batch("train")[0], e) for e in expected] == [True, True]
+
+
 def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
     flags = ["--stage", "pretrain", "--pretrain_iters", "40", "--eval_interval", "20", "--grad_accum", "2",
              "--pretrain_lr", "1e-2"]

@@ -26,6 +26,7 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, field, fields
 
@@ -60,6 +61,7 @@ class TrainConfig:
     prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, c4)")
     prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
     prepretrain_lr: float = arg(3e-4, "gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale")
+    nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")
     nca_num_rules: int = arg(0, "0: a fresh rule for every sequence; N: a fixed pool of N rules")
     # stage 2: language pre-training
     pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
@@ -269,14 +271,29 @@ class NCAData(Data):
                                     device=cfg.device, num_rules=cfg.nca_num_rules)
         held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + 1_000_003, device=cfg.device)
         self.val = [held_out.next_batch() for _ in range(cfg.eval_iters)]
+        # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
+        # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
+        self.worker = ThreadPoolExecutor(max_workers=1) if cfg.nca_prefetch else None
+        self.ahead = None  # future of (stream state before the batch, batch)
+
+    def make_batch(self):
+        return self.stream.state_dict(), self.stream.next_batch()
 
     def get_batch(self, split):
-        return self.stream.next_batch()
+        if self.worker is None:
+            return self.stream.next_batch()
+        _, batch = (self.ahead or self.worker.submit(self.make_batch)).result()
+        self.ahead = self.worker.submit(self.make_batch)
+        return batch
 
     def state_dict(self):
-        return self.stream.state_dict()
+        # a checkpoint records the batches the model has seen, not the one made ahead: the state before that one
+        return self.ahead.result()[0] if self.ahead is not None else self.stream.state_dict()
 
     def load_state_dict(self, state):
+        if self.ahead is not None:
+            self.ahead.result()  # let the thread finish before the stream is rewound
+            self.ahead = None
         self.stream.load_state_dict(state)
 
 
