@@ -343,7 +343,7 @@ def markdown_table(rows, baseline):
     lines = [f"| arm | runs | final val loss | final ppl | loss vs {baseline} | ppl vs {baseline} | "
              f"speed-up (language tokens) | speed-up (total tokens) | loss - {baseline}, same seed (lower in) |",
              "|" + " --- |" * 9]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["arm"] != baseline):  # the baseline first, then the arms in order
         paired = "-"
         if r["paired"]:
             lower = sum(d < 0 for d in r["paired"])
