@@ -52,4 +52,5 @@ for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
   (for arm in $ARMS; do run_arm $arm $seed; done) > $OUT/seed$seed.$(echo $ARMS | tr ' ' '+').log 2>&1 &
 done
 wait
-python eval.py compare --runs "$OUT/*_seed*" --stage pretrain --baseline scratch --out $OUT/compare.png | tee $OUT/table.md
+RUNS=$(for arm in scratch $ARMS; do echo "$OUT/${arm}_seed*"; done | sort -u)  # these arms against scratch
+python eval.py compare --runs $RUNS --stage pretrain --baseline scratch --out $OUT/compare.png | tee $OUT/table.md
