@@ -620,6 +620,8 @@ def main(argv=None):
                 print(f"== {stage}: 0 iterations, skipped")
                 continue
             init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+        if ddp.world > 1:
+            dist.barrier()  # rank 0 may still be saving: tearing gloo down under it aborts the other rank
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
