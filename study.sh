@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature reproduction: does NCA pre-pre-training help language pre-training at small scale?
 #
-#   bash study.sh                                   # the 5 main arms x 3 seeds: ~50 min on a 2-core CPU
+#   bash study.sh                                   # the 6 main arms x 3 seeds: ~60 min on a 2-core CPU
 #   SEEDS="3 4 5" bash study.sh                     # more seeds, added to the same table
 #   ARMS="nca-10colours nca-lr1e-3" bash study.sh   # the exploration arms (README, "What we tried")
 #
@@ -9,6 +9,7 @@
 #   scratch            no stage 1
 #   nca                stage 1 on NCA rollouts (4 colours, gzip band (0.25, 1): at 4 colours no rule reaches 0.5)
 #   dyck               stage 1 on Dyck (balanced brackets), the same token budget and learning rate
+#   random             stage 1 on uniform random bytes, the same budget and rate: a warm start with nothing to learn
 #   c4                 stage 1 on natural text (needs `python -m data.hf.prepare --dataset c4`, a download)
 #   nca-reinit-attn    the nca stage-1 model, but attention re-initialised before stage 2 (only MLP, norms carried)
 #   nca-reinit-mlp     the nca stage-1 model, but MLPs re-initialised before stage 2 (only attention, norms carried)
@@ -21,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/study}
 SEEDS=${SEEDS:-"0 1 2"}
-ARMS=${ARMS:-"scratch nca dyck nca-reinit-attn nca-reinit-mlp"}
+ARMS=${ARMS:-"scratch nca dyck random nca-reinit-attn nca-reinit-mlp"}
 # shared: model shape (train.py defaults: 4 layers, width 128, block 256), batch 16 x 256 tokens
 COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
@@ -34,7 +35,7 @@ run_arm() {  # run_arm <arm> <seed>
   case $arm in
     scratch)         python train.py $COMMON $STAGE2 --prepretrain_iters 0 --seed $seed --out_dir $dir ;;
     nca)             python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --out_dir $dir ;;
-    dyck|c4)         python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data $arm --seed $seed --out_dir $dir ;;
+    dyck|random|c4)  python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data $arm --seed $seed --out_dir $dir ;;
     nca-reinit-attn|nca-reinit-mlp)
       [ -f $OUT/nca_seed$seed/prepretrain/ckpt.pt ] || run_arm nca $seed
       local group=$([ $arm = nca-reinit-attn ] && echo attention || echo mlp)
@@ -47,7 +48,7 @@ run_arm() {  # run_arm <arm> <seed>
   esac
 }
 
-python -m data.stdlib.prepare > /dev/null && python -m data.dyck.prepare > /dev/null  # once, before the runs
+for corpus in stdlib dyck random; do python -m data.$corpus.prepare > /dev/null; done  # once, before the runs
 for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
   (for arm in $ARMS; do run_arm $arm $seed; done) > $OUT/seed$seed.$(echo $ARMS | tr ' ' '+').log 2>&1 &
 done

@@ -582,6 +582,23 @@ def test_dyck_sequences_are_balanced(tmp_path):
     assert len(set(sequences)) > 0.9 * len(sequences), "sequences should differ"
 
 
+def test_random_control_is_uniform_bytes_in_whole_documents(tmp_path):
+    from data.random.prepare import main
+
+    main(["--num_tokens", "65000", "--doc_length", "128", "--out_dir", str(tmp_path)])
+    meta = check_prepared(str(tmp_path))
+    eot = meta["eot_token"]
+    splits = [np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")]
+    assert len(splits[1]) > 0 and sum(map(len, splits)) >= 65000
+    for ids in splits:
+        docs = ids.reshape(-1, 129)  # whole documents: 128 bytes, then end-of-text
+        assert (docs[:, -1] == eot).all() and (docs[:, :-1] < 256).all()
+    counts = np.bincount(splits[0][splits[0] != eot], minlength=256)
+    expected = counts.sum() / 256
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 400, f"bytes should be uniform (chi2 {chi2:.0f} on 255 degrees of freedom)"
+
+
 # -----------------------------------------------------------------------------
 # fine-tuning datasets
 

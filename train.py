@@ -1,7 +1,8 @@
 """
 Train a small Llama in three stages: NCA pre-pre-training, language pre-training, fine-tuning.
 
-  stage 1 prepretrain  next-token prediction on NCA rollouts streamed from nca.py (or a control corpus: dyck, c4)
+  stage 1 prepretrain  next-token prediction on NCA rollouts streamed from nca.py (or a control corpus: dyck,
+                       random, c4)
   stage 2 pretrain     the same transformer on text (data/<name>/train.bin); token embedding and output head are
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
@@ -11,6 +12,7 @@ Every hyperparameter is a flag (python train.py --help). Examples:
   python train.py                                   # all three stages on the offline default (stdlib code, arith)
   python train.py --prepretrain_iters 0             # the control: the same run with no stage 1 (from scratch)
   python train.py --prepretrain_data dyck           # the Dyck control for stage 1
+  python train.py --prepretrain_data random         # the random-token control: a warm start with nothing to learn
   python train.py --stage pretrain --init_from out/prepretrain/ckpt.pt --reinit embedding,head,attention
   python train.py --resume                          # continue an interrupted run where it stopped
 
@@ -40,7 +42,7 @@ from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load
 from model import GPT, GROUPS, ModelConfig, arg, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
-OFFLINE_DATA = ("stdlib", "dyck", "arith")  # made from what is on this machine: prepared on first use
+OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
 
 
 @dataclass
@@ -58,7 +60,7 @@ class TrainConfig:
     peak_tflops: float = arg(0.0, "the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS")
     bench: bool = arg(False, "measure NCA and training throughput on this config, then exit")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
-    prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, c4)")
+    prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, random, c4)")
     prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
     prepretrain_lr: float = arg(3e-4, "gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale")
     nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")

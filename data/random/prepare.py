@@ -1,0 +1,56 @@
+"""
+A random-token corpus: the control that tells NCA's structure apart from a mere warm start. Stage 1 on it runs the
+same optimiser steps, learning rate and token budget as the NCA arm, but there is nothing to learn: every token is
+drawn uniformly and independently, so the best possible loss is ln(256) and any help it gives stage 2 comes from
+the steps themselves (weight norms, optimiser state, a settled residual stream), not from structure in the data.
+
+    python -m data.random.prepare                          # 5M uniform random bytes, documents of 1024
+    python -m data.random.prepare --num_tokens 1_000_000 --doc_length 256
+
+Tokens are bytes (the vocabulary of a stage-1 corpus is re-initialised anyway); documents end with end-of-text.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from data.common import get_tokenizer, held_out_mask, save_token_dataset
+
+
+def random_documents(num_documents, doc_length, eot_token, rng):
+    """(num_documents, doc_length + 1) uint16: uniform random bytes, each row closed by the end-of-text token."""
+    docs = np.empty((num_documents, doc_length + 1), dtype=np.uint16)
+    docs[:, :-1] = rng.integers(0, 256, size=(num_documents, doc_length), dtype=np.uint16)
+    docs[:, -1] = eot_token
+    return docs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_tokens", type=int, default=5_000_000, help="tokens to write, train and val together")
+    parser.add_argument("--doc_length", type=int, default=1024, help="random bytes per document, before its end-of-text")
+    parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out for val")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the tokens and the split")
+    parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
+    args = parser.parse_args(argv)
+    if args.doc_length < 1:
+        parser.error(f"--doc_length must be at least 1, got {args.doc_length}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    num_documents = -(-args.num_tokens // (args.doc_length + 1))  # enough whole documents for num_tokens
+    if num_documents < 2:
+        parser.error(f"--num_tokens {args.num_tokens} makes {num_documents} document of {args.doc_length + 1} "
+                     f"tokens; train and val need at least 2 (raise --num_tokens or lower --doc_length)")
+
+    enc = get_tokenizer("bytes")
+    rng = np.random.default_rng(args.seed)
+    docs = random_documents(num_documents, args.doc_length, enc.eot_token, rng)
+    is_val = held_out_mask(num_documents, min(max(1, round(args.val_fraction * num_documents)), num_documents - 1),
+                           args.seed)
+    save_token_dataset(args.out_dir, enc, docs[~is_val].ravel(), docs[is_val].ravel(),
+                       doc_length=args.doc_length, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
