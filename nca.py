@@ -23,6 +23,7 @@ import functools
 import math
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, fields
 
 import numpy as np
@@ -272,11 +273,27 @@ def decode(tokens, cfg):
 # Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32,
 # gzip level 9 with its 10-byte header and 8-byte trailer. zlib's output carries a 2-byte header and 4-byte trailer
 # instead, so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module.
+# gzip runs on the CPU whatever the device (~45 us per rule), so rows are split over threads: zlib releases the GIL
+# while it compresses. As many threads as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
 
-def gzip_ratio(ids):
+@functools.lru_cache(maxsize=4)
+def gzip_pool(threads):
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
+
+
+def compressed_sizes(rows):
+    return [len(zlib.compress(row.tobytes(), 9)) + 12 for row in rows]
+
+
+def gzip_ratio(ids, threads=None):
     """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
     rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
-    return np.array([(len(zlib.compress(row.tobytes(), 9)) + 12) / row.nbytes for row in rows])
+    threads = min(threads or torch.get_num_threads(), len(rows))
+    if threads <= 1:
+        sizes = compressed_sizes(rows)
+    else:
+        sizes = [n for part in gzip_pool(threads).map(compressed_sizes, np.array_split(rows, threads)) for n in part]
+    return np.array(sizes) / rows.shape[1] / rows.itemsize
 
 
 def score_rules(rule_seeds, grid_seeds, cfg):
@@ -299,6 +316,13 @@ def select_rules(rules, keep):
     return {k: v[keep] for k, v in rules.items()}
 
 
+def default_chunk(device):
+    """Rules simulated together. 512 measured fastest on a CPU (4096 ran slower per rule: cache). On a GPU a step of
+    512 small grids is a few microseconds of work per kernel launch, so 4096 amortises the launches (not yet measured
+    on a GPU; tune with python nca.py --bench --chunk N)."""
+    return 4096 if torch.device(device).type == "cuda" else 512
+
+
 class NCAStream:
     """An endless stream of (x, y) batches of shape (batch_size, seq_len) of NCA token sequences.
 
@@ -308,7 +332,7 @@ class NCAStream:
     y is x shifted by one; the first frame's targets are -1 (ignored by the loss): nothing to infer a rule from yet.
     """
 
-    def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=512,
+    def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
                  max_rejected=20_000):
         cfg.validate()
         if seq_len < cfg.frame_len:
@@ -316,7 +340,10 @@ class NCAStream:
                              f"({cfg.frame_len} tokens), so every target would be masked; use at least "
                              f"{2 * cfg.frame_len}")
         self.cfg, self.batch_size, self.seq_len = cfg, batch_size, seq_len
-        self.device, self.chunk, self.max_rejected = torch.device(device), chunk, max_rejected
+        if chunk < 0:
+            raise ValueError(f"--chunk must be >= 0 (0: {default_chunk('cpu')} on CPU, {default_chunk('cuda')} on "
+                             f"a GPU), got {chunk}")
+        self.device, self.chunk, self.max_rejected = torch.device(device), chunk or default_chunk(device), max_rejected
         self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
         # seeds of rules and grids come from one generator: the stream is a pure function of `seed`
         self.seeds = torch.Generator().manual_seed(seed)
@@ -427,10 +454,10 @@ def print_stats(cfg, n, device):
           f"{n} rules, mean ratio {ratios.mean():.3f})")
 
 
-def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0):
+def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
     """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
     wait for: rejection sampling with gzip included)."""
-    rules_per_chunk, frames = 512, math.ceil((seq_len + 1) / cfg.frame_len)
+    rules_per_chunk, frames = chunk or default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
     seeds = torch.arange(rules_per_chunk, device=device)
     raw_tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds / 4:
@@ -438,7 +465,7 @@ def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0):
         out = rollout(grid, sample_rules(seeds + raw_tokens, cfg.num_colors), seeds, 0, frames, cfg, skip=cfg.burn_in)
         raw_tokens += encode(out[0], cfg)[:, :seq_len].numel()
     raw = raw_tokens / (time.perf_counter() - t0)
-    stream = NCAStream(cfg, batch_size, seq_len, seed=0, device=device)
+    stream = NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
     stream.next_batch()  # warm up
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -448,11 +475,12 @@ def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0):
             "rules_tried": stream.tried}
 
 
-def bench(cfg, device, seconds=10.0):
+def bench(cfg, device, seconds=10.0, chunk=0):
     """The paper's sequence length (1024); prints tokens_per_s=<filtered tokens/s> last."""
-    speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds)
+    speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds, chunk=chunk)
     print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
-          f"({speed['rules_tried']:,} rules tried), device {device}, {torch.get_num_threads()} threads")
+          f"({speed['rules_tried']:,} rules tried), device {device}, {chunk or default_chunk(device)} rules per "
+          f"chunk, {torch.get_num_threads()} threads")
     print(f"tokens_per_s={speed['filtered']:.0f}")
 
 
@@ -518,20 +546,23 @@ def main(argv=None):
     parser.add_argument("--stats", type=int, default=0, metavar="N", help="print gzip deciles of N random rules")
     parser.add_argument("--bench", action="store_true", help="print filtered training tokens/s (paper settings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
     parser.add_argument("--out", default="nca_demo.png", help="where the demo writes its picture")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.chunk < 0:
+        parser.error(f"--chunk must be >= 0 (0 picks by device), got {args.chunk}")
     print("config:", asdict(cfg))
     if args.stats:
         print_stats(cfg, args.stats, args.device)
     elif args.bench:
-        bench(cfg, args.device)
+        bench(cfg, args.device, chunk=args.chunk)
     else:
         demo(cfg, args.device, out=args.out)
-        bench(cfg, args.device, seconds=5.0)
+        bench(cfg, args.device, seconds=5.0, chunk=args.chunk)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ def test_gzip_ratio_is_the_gzip_module_definition():
         assert len(raw) == 1440
         assert ratios[r] == len(gzip_module.compress(raw, compresslevel=9)) / len(raw)
     assert ratios[1] < 0.05 < ratios[0]
+    many = torch.randint(0, 10000, (37, 10, 36)) % (torch.arange(37) * 300 + 1).view(37, 1, 1)  # ratios rise by row
+    assert (nca.gzip_ratio(many, threads=1) == nca.gzip_ratio(many, threads=4)).all()  # threads split rows, in order
 
 
 def test_stream_batches_mask_the_first_frame_and_respect_the_band():
@@ -775,7 +777,7 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
              (["--n_embd", "30"], "--n_embd"), (["--pretrain_data", "nope"], "--pretrain_data"),
              (["--block_size", "8"], "--block_size"), (["--reinit", "attn"], "--reinit"),
              (["--init_from", str(not_a_checkpoint)], "not a"), (["--batch_size", "0"], "--batch_size"),
-             (["--band", "0.7", "0.2"], "--band")]
+             (["--band", "0.7", "0.2"], "--band"), (["--nca_chunk", "-1"], "--nca_chunk")]
     for flags, message in cases:
         with pytest.raises(SystemExit):
             train.main(run_flags(tmp_path, tiny_data, *flags))

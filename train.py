@@ -65,6 +65,7 @@ class TrainConfig:
     prepretrain_lr: float = arg(3e-4, "gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale")
     nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")
     nca_num_rules: int = arg(0, "0: a fresh rule for every sequence; N: a fixed pool of N rules")
+    nca_chunk: int = arg(0, "NCA rules simulated together (0: 512 on CPU, 4096 on a GPU)")
     # stage 2: language pre-training
     pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
     pretrain_iters: int = arg(1000, "iterations of stage 2")
@@ -147,6 +148,8 @@ def validate(cfg, model_cfg, nca_cfg):
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.nca_chunk < 0:
+        raise ValueError(f"--nca_chunk must be >= 0 (0 picks by device), got {cfg.nca_chunk}")
     for stage in STAGES:
         if getattr(cfg, f"{stage}_iters") < 0:
             raise ValueError(f"--{stage}_iters must be >= 0, got {getattr(cfg, f'{stage}_iters')}")
@@ -270,8 +273,9 @@ class NCAData(Data):
         self.name, self.tokenizer, self.eot_token = "nca", None, None
         self.vocab_size = nca_cfg.vocab_size
         self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
-                                    device=cfg.device, num_rules=cfg.nca_num_rules)
-        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + 1_000_003, device=cfg.device)
+                                    device=cfg.device, num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk)
+        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + 1_000_003, device=cfg.device,
+                                 chunk=cfg.nca_chunk)
         self.val = [held_out.next_batch() for _ in range(cfg.eval_iters)]
         # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
         # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
@@ -594,7 +598,8 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
 
 def benchmark(cfg, model_cfg, nca_cfg, ddp):
     """NCA tokens/s (raw and filtered), then stage-1 training tokens/s, data wait, MFU and peak memory."""
-    speed = nca.measure_throughput(nca_cfg, cfg.device, batch_size=cfg.batch_size, seq_len=model_cfg.block_size)
+    speed = nca.measure_throughput(nca_cfg, cfg.device, batch_size=cfg.batch_size, seq_len=model_cfg.block_size,
+                                   chunk=cfg.nca_chunk)
     with tempfile.TemporaryDirectory() as tmp:
         bench_cfg = dataclasses.replace(cfg, out_dir=tmp, eval_interval=10 ** 9, resume=False, init_from="")
         _, stats = train_stage("prepretrain", bench_cfg, model_cfg, nca_cfg, "", ddp)
