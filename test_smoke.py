@@ -770,6 +770,19 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, tiny_data):
         assert a["val_loss"] == b["val_loss"] and a["train_loss"] == b["train_loss"], a["iter"]
 
 
+def test_steady_state_numbers_leave_out_the_warm_up_steps(tmp_path, tiny_data):
+    cfg, model_cfg, nca_cfg = train.parse_args(run_flags(tmp_path, tiny_data, "--pretrain_iters", "9",
+                                                         "--grad_accum", "2", "--peak_tflops", "0.001"))
+    _, stats = train.train_stage("pretrain", cfg, model_cfg, nca_cfg, "")
+    steady = stats["steady"]
+    assert steady["steps"] == 9 - train.WARMUP_STEPS
+    assert steady["tokens_per_s"] > 0 and 0 <= steady["data_wait"] < 1
+    flops_per_token = GPT(ModelConfig(**{**asdict(model_cfg), "vocab_size": 257})).flops_per_token()
+    assert steady["mfu"] == pytest.approx(flops_per_token * steady["tokens_per_s"] / 1e9)  # 0.001 TFLOP/s peak
+    cfg.peak_tflops = 0.0
+    assert train.peak_flops(cfg) is None  # a CPU has no peak in the table: no MFU rather than a made-up one
+
+
 def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
     not_a_checkpoint = tmp_path / "junk.pt"
     not_a_checkpoint.write_bytes(b"not a checkpoint")

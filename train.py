@@ -96,6 +96,7 @@ class TrainConfig:
 # dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate; CPUs get no MFU
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
                "RTX 4090": 165.0, "RTX 3090": 71.0}
+WARMUP_STEPS = 5  # steps the benchmark leaves out of its steady-state numbers (compilation, allocator)
 RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data with seed + r * RANK_SEED_STRIDE
 
 
@@ -148,6 +149,9 @@ def validate(cfg, model_cfg, nca_cfg):
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.bench and cfg.prepretrain_iters <= WARMUP_STEPS:
+        raise ValueError(f"--bench measures stage 1 after {WARMUP_STEPS} warm-up steps; --prepretrain_iters "
+                         f"{cfg.prepretrain_iters} leaves none, use e.g. --prepretrain_iters 50")
     if cfg.nca_chunk < 0:
         raise ValueError(f"--nca_chunk must be >= 0 (0 picks by device), got {cfg.nca_chunk}")
     for stage in STAGES:
@@ -324,7 +328,10 @@ class TokenData(Data):
         data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
         starts = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=generator)
         rows = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in starts])
-        return rows[:, :-1].to(self.device), rows[:, 1:].to(self.device)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.device.startswith("cuda"):  # from pinned memory the copy is asynchronous: the GPU does not wait
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
 
     def get_batch(self, split):
         return self.batch(split, self.generator)
@@ -527,6 +534,9 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
     t_start = t_log = time.time()
     data_time = total_data_time = 0.0
     tokens_at_log, tokens_at_start, it_start = tokens_seen, tokens_seen, iter_num
+    # the steady state, for the benchmark: training steps only (no evaluation, no saving), after the first few
+    # (torch.compile and the allocator warm up there)
+    steady = {"seconds": 0.0, "tokens": 0, "data": 0.0}
     while True:
         if iter_num == max_iters or iter_num % cfg.eval_interval == 0 and (iter_num > it_start or resume is None):
             val_loss = estimate_loss(model, data, autocast)
@@ -552,19 +562,21 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         lr = get_lr(iter_num, max_iters, base_lr, cfg.warmup_frac, cfg.min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        t_step, step_data_time, loss_sum = time.time(), 0.0, 0.0
         for micro_step in range(micro_steps):
             t0 = time.time()
             x, y = data.get_batch("train")
-            data_time += time.time() - t0
+            step_data_time += time.time() - t0
             if ddp.world > 1:  # average the gradients across ranks only once, on the last micro-step
                 train_model.require_backward_grad_sync = micro_step == micro_steps - 1
             with autocast:
                 _, loss = train_model(x, y)
             scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.item()
-            tokens_seen += x.numel() * ddp.world
-        loss_value = loss_sum / micro_steps
+            loss_sum += loss.detach()  # no .item() here: the GPU would wait on the CPU between micro-steps
+        loss_value = loss_sum.item() / micro_steps  # one wait for the GPU per step
+        step_tokens = x.numel() * ddp.world * micro_steps
+        tokens_seen += step_tokens
+        data_time += step_data_time
         if not math.isfinite(loss_value):
             raise RuntimeError(f"{stage}: training loss is {loss_value} at iteration {iter_num}; stopping without "
                                f"saving. The last good checkpoint is kept in {ckpt_path}; try a lower --{stage}_lr")
@@ -575,6 +587,10 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        if iter_num - it_start > WARMUP_STEPS:
+            steady["seconds"] += time.time() - t_step
+            steady["tokens"] += step_tokens
+            steady["data"] += step_data_time
 
         if iter_num % cfg.log_interval == 0:
             now = time.time()
@@ -589,7 +605,12 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
     seconds = time.time() - t_start
     stats = {"tokens_per_s": (tokens_seen - tokens_at_start) / seconds,
              "data_wait": (total_data_time + data_time) / seconds}
-    stats["mfu"] = flops_per_token * stats["tokens_per_s"] / (peak * ddp.world) if peak else None
+    if steady["seconds"] > 0:
+        stats["steady"] = {"tokens_per_s": steady["tokens"] / steady["seconds"],
+                           "data_wait": steady["data"] / steady["seconds"], "steps": iter_num - it_start - WARMUP_STEPS}
+    for measured in (stats, stats.get("steady")):
+        if measured:
+            measured["mfu"] = flops_per_token * measured["tokens_per_s"] / (peak * ddp.world) if peak else None
     print(f"== {stage} done in {seconds / 60:.1f} min: best val loss {best_val_loss:.4f}, "
           f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
           f"checkpoint {ckpt_path}")
@@ -607,10 +628,13 @@ def benchmark(cfg, model_cfg, nca_cfg, ddp):
         peak_memory = torch.cuda.max_memory_allocated(cfg.device) / 2 ** 30
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-    mfu = f"{stats['mfu']:.1%}" if stats["mfu"] is not None else "n/a (no peak known for this device: --peak_tflops)"
+    steady = stats["steady"]
+    mfu = f"{steady['mfu']:.1%}" if steady["mfu"] is not None else "n/a (no peak known for this device: --peak_tflops)"
     print(f"bench: nca_raw_tokens_per_s={speed['raw']:.0f} nca_filtered_tokens_per_s={speed['filtered']:.0f} "
-          f"train_tokens_per_s={stats['tokens_per_s']:.0f} data_wait={stats['data_wait']:.1%} mfu={mfu} "
-          f"peak_memory_gib={peak_memory:.2f} device={cfg.device} world={ddp.world}")
+          f"train_tokens_per_s={steady['tokens_per_s']:.0f} data_wait={steady['data_wait']:.1%} mfu={mfu} "
+          f"peak_memory_gib={peak_memory:.2f} device={cfg.device} world={ddp.world} "
+          f"(training numbers: the last {steady['steps']} steps, without the {WARMUP_STEPS} warm-up steps, "
+          f"evaluation and saving)")
 
 
 def main(argv=None):
