@@ -3,7 +3,7 @@
 #
 #   bash study.sh                                   # the 6 main arms x 3 seeds: ~60 min on a 2-core CPU
 #   SEEDS="3 4 5" bash study.sh                     # more seeds, added to the same table
-#   ARMS="nca-10colours nca-lr1e-3" bash study.sh   # the exploration arms (README, "What we tried")
+#   ARMS="nca-10colours nca-lr1e-3" bash study.sh   # exploration arms (README, "What we tried")
 #
 # Every arm then pre-trains on the same Python-stdlib corpus, with the same seed and the same stage-2 data order:
 #   scratch            no stage 1
@@ -13,10 +13,11 @@
 #   c4                 stage 1 on natural text (needs `python -m data.hf.prepare --dataset c4`, a download)
 #   nca-reinit-attn    the nca stage-1 model, but attention re-initialised before stage 2 (only MLP, norms carried)
 #   nca-reinit-mlp     the nca stage-1 model, but MLPs re-initialised before stage 2 (only attention, norms carried)
-# exploration (one knob of the nca arm changed each):
+# exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
 #   nca-long           3x the stage-1 tokens (1500 iterations, 6.1M tokens)
+#   dyck-long          the same for the Dyck control: does NCA pull ahead of Dyck with more stage-1 tokens?
 # Then eval.py compare writes the table and plot of stage-2 validation loss against the scratch arm.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,6 +45,8 @@ run_arm() {  # run_arm <arm> <seed>
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
     nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;
+    dyck-long)       python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --prepretrain_data dyck \
+                       --seed $seed --out_dir $dir ;;
     *) echo "study.sh: unknown arm '$arm' in ARMS" >&2; exit 2 ;;
   esac
 }
