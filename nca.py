@@ -16,6 +16,7 @@ Examples:
   python nca.py                       # demo: writes nca_demo.png (rollouts by gzip band + histogram), prints speed
   python nca.py --stats 2000          # gzip-ratio deciles and acceptance rate of 2000 random rules
   python nca.py --bench               # filtered training tokens per second at the paper's settings
+  python nca.py --bench --device cuda --chunk 8192   # on a GPU: more rules per tensor program
   python nca.py --num_colors 4 --band 0.25 1.0 --stats 2000   # another alphabet needs another band
 """
 import argparse
@@ -276,7 +277,7 @@ def decode(tokens, cfg):
 # gzip runs on the CPU whatever the device (~45 us per rule), so rows are split over threads: zlib releases the GIL
 # while it compresses. As many threads as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
 
-@functools.lru_cache(maxsize=4)
+@functools.cache
 def gzip_pool(threads):
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
 
@@ -288,11 +289,12 @@ def compressed_sizes(rows):
 def gzip_ratio(ids, threads=None):
     """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
     rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
-    threads = min(threads or torch.get_num_threads(), len(rows))
-    if threads <= 1:
+    threads = threads or torch.get_num_threads()
+    if threads == 1 or len(rows) < 2:
         sizes = compressed_sizes(rows)
-    else:
-        sizes = [n for part in gzip_pool(threads).map(compressed_sizes, np.array_split(rows, threads)) for n in part]
+    else:  # contiguous slices of rows, one per thread; map returns them in order
+        parts = np.array_split(rows, min(threads, len(rows)))
+        sizes = [n for part in gzip_pool(threads).map(compressed_sizes, parts) for n in part]
     return np.array(sizes) / rows.shape[1] / rows.itemsize
 
 
