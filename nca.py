@@ -456,9 +456,15 @@ def print_stats(cfg, n, device):
           f"{n} rules, mean ratio {ratios.mean():.3f})")
 
 
+def synchronize(device):
+    """Wait for queued GPU work, so that a timer measures work done, not work launched."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
     """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
-    wait for: rejection sampling with gzip included)."""
+    wait for: rejection sampling with gzip included), and the gzip filter alone in rules per second."""
     rules_per_chunk, frames = chunk or default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
     seeds = torch.arange(rules_per_chunk, device=device)
     raw_tokens, t0 = 0, time.perf_counter()
@@ -466,15 +472,26 @@ def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, c
         grid = initial_grids(seeds + raw_tokens, cfg)
         out = rollout(grid, sample_rules(seeds + raw_tokens, cfg.num_colors), seeds, 0, frames, cfg, skip=cfg.burn_in)
         raw_tokens += encode(out[0], cfg)[:, :seq_len].numel()
+    synchronize(device)
     raw = raw_tokens / (time.perf_counter() - t0)
+
+    ids = patch_ids(score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
+    gzipped, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 8:
+        gzip_ratio(ids)
+        gzipped += len(ids)
+    gzip_rules = gzipped / (time.perf_counter() - t0)
+
     stream = NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
     stream.next_batch()  # warm up
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         x, _ = stream.next_batch()
         tokens += x.numel()
-    return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": stream.accepted / stream.tried,
-            "rules_tried": stream.tried}
+    synchronize(device)
+    acceptance = stream.accepted / stream.tried
+    return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": acceptance,
+            "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len}
 
 
 def bench(cfg, device, seconds=10.0, chunk=0):
@@ -483,6 +500,8 @@ def bench(cfg, device, seconds=10.0, chunk=0):
     print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
           f"({speed['rules_tried']:,} rules tried), device {device}, {chunk or default_chunk(device)} rules per "
           f"chunk, {torch.get_num_threads()} threads")
+    print(f"gzip filter alone: {speed['gzip_rules']:,.0f} rules/s on the CPU, a ceiling of "
+          f"{speed['gzip_ceiling']:,.0f} filtered tokens/s (more threads: OMP_NUM_THREADS)")
     print(f"tokens_per_s={speed['filtered']:.0f}")
 
 

@@ -119,6 +119,14 @@ def test_gzip_ratio_is_the_gzip_module_definition():
     assert (nca.gzip_ratio(many, threads=1) == nca.gzip_ratio(many, threads=4)).all()  # threads split rows, in order
 
 
+def test_throughput_measure_reports_every_number():
+    cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0).validate()
+    speed = nca.measure_throughput(cfg, "cpu", batch_size=4, seq_len=64, seconds=0.4, chunk=32)
+    assert speed["raw"] > 0 and speed["filtered"] > 0 and speed["gzip_rules"] > 0
+    assert 0 < speed["acceptance"] <= 1 and speed["rules_tried"] >= 4
+    assert speed["gzip_ceiling"] == pytest.approx(speed["gzip_rules"] * speed["acceptance"] * 64)
+
+
 def test_stream_batches_mask_the_first_frame_and_respect_the_band():
     cfg = NCAConfig(grid=12, num_colors=10)
     stream = NCAStream(cfg, batch_size=6, seq_len=400, seed=0, chunk=32)
