@@ -274,7 +274,7 @@ def decode(tokens, cfg):
 # Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32,
 # gzip level 9 with its 10-byte header and 8-byte trailer. zlib's output carries a 2-byte header and 4-byte trailer
 # instead, so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module.
-# gzip runs on the CPU whatever the device (~45 us per rule), so rows are split over threads: zlib releases the GIL
+# gzip runs on the CPU whatever the device (~48 us per rule), so rows are split over threads: zlib releases the GIL
 # while it compresses. As many threads as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
 
 @functools.cache

@@ -720,6 +720,18 @@ def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsy
     assert ckpts["finetune"]["data"]["name"] == "arith" and ckpts["finetune"]["iter_num"] == 4
 
 
+def test_tokens_seen_counts_every_micro_batch(tmp_path, tiny_data, monkeypatch):
+    counted = []  # fine-tuning batches are padded to their longest pair, so micro-batches differ in length
+    get_batch = train.PairData.get_batch
+    monkeypatch.setattr(train.PairData, "get_batch", lambda self, split: counted.append(
+        get_batch(self, split)) or counted[-1])
+    train.main(run_flags(tmp_path, tiny_data, "--stage", "finetune", "--finetune_iters", "3", "--grad_accum", "3",
+                         "--batch_size", "1"))
+    ckpt = torch.load(tmp_path / "out" / "finetune" / "ckpt.pt", weights_only=True)
+    assert len(counted) == 9 and len({x.shape[1] for x, _ in counted}) > 1
+    assert ckpt["tokens_seen"] == sum(x.numel() for x, _ in counted)
+
+
 def test_training_lowers_the_loss_and_checkpoint_rebuilds_from_model_args(tmp_path, tiny_data):
     train.main(run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "60",
                          "--eval_interval", "20", "--pretrain_lr", "1e-2"))

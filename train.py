@@ -562,7 +562,7 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         lr = get_lr(iter_num, max_iters, base_lr, cfg.warmup_frac, cfg.min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t_step, step_data_time, loss_sum = time.time(), 0.0, 0.0
+        t_step, step_data_time, step_tokens, loss_sum = time.time(), 0.0, 0, 0.0
         for micro_step in range(micro_steps):
             t0 = time.time()
             x, y = data.get_batch("train")
@@ -572,9 +572,9 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
             with autocast:
                 _, loss = train_model(x, y)
             scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.detach()  # no .item() here: the GPU would wait on the CPU between micro-steps
-        loss_value = loss_sum.item() / micro_steps  # one wait for the GPU per step
-        step_tokens = x.numel() * ddp.world * micro_steps
+            loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU at every micro-step
+            step_tokens += x.numel() * ddp.world  # fine-tuning batches vary in length
+        loss_value = loss_sum.item() / micro_steps  # the one wait for the GPU in a step
         tokens_seen += step_tokens
         data_time += step_data_time
         if not math.isfinite(loss_value):
