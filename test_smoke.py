@@ -810,7 +810,8 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
              (["--n_embd", "30"], "--n_embd"), (["--pretrain_data", "nope"], "--pretrain_data"),
              (["--block_size", "8"], "--block_size"), (["--reinit", "attn"], "--reinit"),
              (["--init_from", str(not_a_checkpoint)], "not a"), (["--batch_size", "0"], "--batch_size"),
-             (["--band", "0.7", "0.2"], "--band"), (["--nca_chunk", "-1"], "--nca_chunk")]
+             (["--band", "0.7", "0.2"], "--band"), (["--nca_chunk", "-1"], "--nca_chunk"),
+             (["--bench", "--prepretrain_iters", "3"], "--bench")]
     for flags, message in cases:
         with pytest.raises(SystemExit):
             train.main(run_flags(tmp_path, tiny_data, *flags))
