@@ -465,8 +465,8 @@ def synchronize(device):
 def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
     """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
     wait for: rejection sampling with gzip included), and the gzip filter alone in rules per second."""
-    rules_per_chunk, frames = chunk or default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
-    seeds = torch.arange(rules_per_chunk, device=device)
+    chunk, frames = chunk or default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
+    seeds = torch.arange(chunk, device=device)
     raw_tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds / 4:
         grid = initial_grids(seeds + raw_tokens, cfg)
@@ -491,15 +491,16 @@ def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, c
     synchronize(device)
     acceptance = stream.accepted / stream.tried
     return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": acceptance,
-            "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len}
+            "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len,
+            "chunk": chunk}
 
 
 def bench(cfg, device, seconds=10.0, chunk=0):
     """The paper's sequence length (1024); prints tokens_per_s=<filtered tokens/s> last."""
     speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds, chunk=chunk)
     print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
-          f"({speed['rules_tried']:,} rules tried), device {device}, {chunk or default_chunk(device)} rules per "
-          f"chunk, {torch.get_num_threads()} threads")
+          f"({speed['rules_tried']:,} rules tried), device {device}, {speed['chunk']} rules per chunk, "
+          f"{torch.get_num_threads()} threads")
     print(f"gzip filter alone: {speed['gzip_rules']:,.0f} rules/s on the CPU, a ceiling of "
           f"{speed['gzip_ceiling']:,.0f} filtered tokens/s (more threads: OMP_NUM_THREADS)")
     print(f"tokens_per_s={speed['filtered']:.0f}")

@@ -57,8 +57,7 @@ def tokenize_documents(documents, enc, val_fraction, seed, max_tokens=None):
     Documents keep their input order within each split. Stops early once max_tokens tokens are encoded.
     Returns (train_ids, val_ids) as np.uint16 arrays.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    check_val_fraction(val_fraction)
     if enc.n_vocab > UINT16_LIMIT:
         raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} ids; uint16 files hold ids < {UINT16_LIMIT}")
     total_documents = len(documents) if isinstance(documents, Sized) else None
@@ -76,13 +75,23 @@ def tokenize_documents(documents, enc, val_fraction, seed, max_tokens=None):
             _print_progress(len(encoded), total_documents, num_tokens, max_tokens, last_print - start)
     print(f"tokenized {len(encoded):,} documents into {num_tokens:,} tokens in {time.time() - start:.1f}s")
 
-    n = len(encoded)
-    if n < 2:
-        raise ValueError(f"need at least 2 documents to split into train and val, got {n}")
-    is_val = held_out_mask(n, min(max(1, round(val_fraction * n)), n - 1), seed)
+    is_val = held_out_documents(len(encoded), val_fraction, seed)
     train_ids = np.concatenate([ids for ids, v in zip(encoded, is_val) if not v])
     val_ids = np.concatenate([ids for ids, v in zip(encoded, is_val) if v])
     return train_ids, val_ids
+
+
+def check_val_fraction(val_fraction):
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+
+
+def held_out_documents(n, val_fraction, seed):
+    """Which of n documents go to val: round(val_fraction * n) of them, at least 1 and at most n - 1, by seed."""
+    check_val_fraction(val_fraction)
+    if n < 2:
+        raise ValueError(f"need at least 2 documents to split into train and val, got {n}")
+    return held_out_mask(n, min(max(1, round(val_fraction * n)), n - 1), seed)
 
 
 def held_out_mask(n, num_held_out, seed):

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from data.common import get_tokenizer, held_out_mask, save_token_dataset
+from data.common import get_tokenizer, held_out_documents, save_token_dataset
 
 
 def random_documents(num_documents, doc_length, eot_token, rng):
@@ -36,18 +36,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.doc_length < 1:
         parser.error(f"--doc_length must be at least 1, got {args.doc_length}")
-    if not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     num_documents = -(-args.num_tokens // (args.doc_length + 1))  # enough whole documents for num_tokens
-    if num_documents < 2:
-        parser.error(f"--num_tokens {args.num_tokens} makes {num_documents} document of {args.doc_length + 1} "
-                     f"tokens; train and val need at least 2 (raise --num_tokens or lower --doc_length)")
+    try:
+        is_val = held_out_documents(num_documents, args.val_fraction, args.seed)
+    except ValueError as e:
+        parser.error(f"{e} (--num_tokens {args.num_tokens}, --doc_length {args.doc_length}, "
+                     f"--val_fraction {args.val_fraction})")
 
     enc = get_tokenizer("bytes")
-    rng = np.random.default_rng(args.seed)
-    docs = random_documents(num_documents, args.doc_length, enc.eot_token, rng)
-    is_val = held_out_mask(num_documents, min(max(1, round(args.val_fraction * num_documents)), num_documents - 1),
-                           args.seed)
+    docs = random_documents(num_documents, args.doc_length, enc.eot_token, np.random.default_rng(args.seed))
     save_token_dataset(args.out_dir, enc, docs[~is_val].ravel(), docs[is_val].ravel(),
                        doc_length=args.doc_length, seed=args.seed)
 
