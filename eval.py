@@ -2,7 +2,7 @@
 Evaluate what train.py made: perplexity, NCA in-context accuracy, run comparisons, pass@k, export to Hugging Face.
 
   python eval.py perplexity --ckpt out/nca/pretrain/ckpt.pt                 # loss and ppl on the whole val split
-  python eval.py icl --ckpt out/nca/prepretrain/ckpt.pt --max_k 6           # accuracy on held-out rules vs context
+  python eval.py icl --ckpt out/nca/prepretrain/ckpt.pt                     # accuracy on held-out rules vs context
   python eval.py compare --runs out/scratch out/nca out/dyck --out compare.png
   python eval.py compare --runs 'out/study/*' --baseline scratch            # <arm>_seed<k> runs -> mean +- std
   python eval.py passk --ckpt out/nca/finetune/ckpt.pt --n 16 --k 1 2 4 8   # unbiased pass@k and greedy accuracy
@@ -34,9 +34,10 @@ def load_model(ckpt_path, device):
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt_path}; train one with train.py "
                                 f"(it writes out_dir/<stage>/ckpt.pt)")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # to the CPU, then only the weights move
+    ckpt.pop("optimizer", None)  # evaluation needs no AdamW state (twice the weights' size)
     model = GPT(ModelConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"], strict=True)
+    model.load_state_dict(ckpt.pop("model"), strict=True)
     return model.to(device).eval(), ckpt
 
 
@@ -114,11 +115,12 @@ def run_perplexity(args):
 
 
 class HeldOutStream(nca.NCAStream):
-    """NCAStream draws every rule and grid seed from [0, 2^31); these come from [2^31, 2^32). nca's hash reads all
-    32 bits of a seed, so the evaluation rules are guaranteed to be ones no training run has seen."""
+    """An NCAStream with held_out=True: every rule and grid seed has the top bit 2^31 set, which no training seed has
+    (training streams' seeds are in [0, 2^31), nca.stream_seeds). nca's hash reads all 32 bits of a seed, so the
+    evaluation rules are guaranteed to be ones no training run has seen, whatever its seed."""
 
-    def draw_seeds(self, n):
-        return super().draw_seeds(n) + 2 ** 31
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, held_out=True, **kwargs)
 
 
 def held_out_sequences(cfg, num_rules, num_frames, seed, device="cpu"):
@@ -202,8 +204,17 @@ def run_icl(args):
         raise ValueError(f"{args.ckpt} was trained on {ckpt['data']['name']}, not NCA; icl needs a prepretrain "
                          f"checkpoint trained on nca (e.g. out/<run>/prepretrain/ckpt.pt)")
     cfg = nca.NCAConfig(**ckpt["nca_config"])
-    sequences = held_out_sequences(cfg, args.num_rules, args.max_k + 1, args.seed, args.device)
-    results = icl_accuracy(model, sequences, cfg, args.max_k)
+    largest = (model.config.block_size + 1) // cfg.frame_len - 1  # k frames of context and the predicted one fit
+    max_k = args.max_k or largest
+    if not 1 <= max_k <= largest:  # checked before any rule is simulated
+        raise ValueError(f"--max_k {max_k}: the model's block of {model.config.block_size} tokens holds at most "
+                         f"{largest} frames of context plus the predicted frame ({cfg.frame_len} tokens each); "
+                         f"use --max_k {largest} or leave it out" if largest >= 1 else
+                         f"the model's block ({model.config.block_size} tokens) is shorter than two NCA frames")
+    if args.num_rules < 1:
+        raise ValueError(f"--num_rules must be >= 1, got {args.num_rules}")
+    sequences = held_out_sequences(cfg, args.num_rules, max_k + 1, args.seed, args.device)
+    results = icl_accuracy(model, sequences, cfg, max_k)
     print(f"\n{args.num_rules} held-out rules, band ({cfg.band_lo}, {cfg.band_hi}), {cfg.num_colors} colours\n")
     print("| k | cell accuracy | frame accuracy | copy last frame |\n| --- | --- | --- | --- |")
     for i, k in enumerate(results["k"]):
@@ -577,7 +588,8 @@ def build_parser():
 
     sub = command("icl", run_icl, "NCA in-context accuracy: predict frame k+1 of held-out rules from k frames")
     sub.add_argument("--num_rules", type=int, default=64, help="held-out rules (one sequence each)")
-    sub.add_argument("--max_k", type=int, default=6, help="largest number of context frames")
+    sub.add_argument("--max_k", type=int, default=0, help="largest number of context frames (default: as many as "
+                                                          "the model's block holds)")
     sub.add_argument("--seed", type=int, default=12345, help="seed of the held-out rules and initial grids")
     sub.add_argument("--out", help="plot of accuracy vs k (default: icl.png next to the checkpoint)")
 

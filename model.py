@@ -16,8 +16,9 @@ Usage:
     from model import GPT, ModelConfig, transfer
     model = GPT(ModelConfig(vocab_size=257, n_layer=4, n_embd=128))
     logits, loss = model(idx, targets)                # idx, targets: (B, T) int64, -1 in targets = no loss
-    out = model.generate(idx, 100, temperature=0.4, top_p=0.95)
+    out = model.generate(idx, 100, temperature=0.4, top_p=0.95)   # with a KV cache; use_cache=False re-runs
     text_model = transfer(nca_state_dict, ModelConfig(vocab_size=257))   # carries attention, MLP, norms
+    estimate_memory(ModelConfig(n_layer=24, n_embd=2048), batch_size=8)["total"]   # bytes, before building it
 """
 
 import math
@@ -106,6 +107,31 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class KVCache:
+    """One layer's keys (already rotated) and values for the positions seen so far, so that generating a token
+    computes attention for the new position only. Preallocated for max_len positions on the first update, with
+    the dtype and device of the keys it gets (bf16 under autocast)."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0  # positions filled; the next token's position
+        self.keys = self.values = None  # (B, nh, max_len, hs) each
+
+    def update(self, k, v):
+        """Store k, v (B, nh, T, hs) after the cached positions; return the keys and values of all positions."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {start} cached + {k.size(2)} new positions > max_len {self.max_len}")
+        if self.keys is None:
+            B, nh, _, hs = k.shape
+            self.keys = k.new_empty(B, nh, self.max_len, hs)
+            self.values = v.new_empty(B, nh, self.max_len, hs)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -119,14 +145,19 @@ class Attention(nn.Module):
         self.o_proj.residual_scale_init = True  # writes into the residual stream
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, nh, cached + T, hs): the keys and values of every position so far
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        # T queries at the positions of the last T keys. T > 1 happens only for an empty cache (GPT.forward checks),
+        # so the keys are the queries' own positions and the usual causal mask is right; a single new query may
+        # see every key, so it needs no mask (is_causal=True would align the mask top-left and hide all but key 0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.o_proj(y))
 
@@ -152,8 +183,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -192,15 +223,23 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_caches=None):
+        """idx (B, T) -> logits, loss. kv_caches (generation only): one KVCache per layer; idx then holds the
+        tokens after the cached ones, at positions cached .. cached + T - 1 (several tokens only into empty caches)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; crop the input "
-                             f"or build the model with a larger --block_size")
+        start = 0
+        if kv_caches is not None:
+            start = kv_caches[0].length
+            if start > 0 and T > 1:
+                raise ValueError(f"{T} tokens after {start} cached ones: a KV cache takes a prompt only while "
+                                 f"empty, then one token at a time")
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}; crop the "
+                             f"input or build the model with a larger --block_size")
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs) each
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs) each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if kv_caches is None else kv_caches[i])
         x = self.norm(x)
         if targets is None:
             # inference: only the last position is needed, skip the big (T, V) matmul for the others
@@ -210,15 +249,29 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_p=1.0, stop_token=None, *, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_p=1.0, stop_token=None, *, generator=None,
+                 use_cache=True):
         """Extend idx (B, T) by up to max_new_tokens. temperature 0 is greedy; top_p < 1 is nucleus sampling.
         Rows that have produced stop_token are padded with it; the loop ends once every row has.
-        No KV cache: every step re-reads the (cropped) context, which is simple and fast enough for small models."""
+
+        With use_cache, a first pass over the prompt fills a KV cache (every layer's rotated keys and values), then
+        each step runs the new token alone. Past block_size the context slides: every kept token moves to a new
+        position, so the cached keys are stale and those steps re-run the cropped context as without the cache.
+        use_cache=False always re-runs the (cropped) context: the reference the cache must match."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        block_size = self.config.block_size
+        kv_caches = None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if not use_cache or idx.size(1) > block_size:
+                logits, _ = self(idx[:, -block_size:])  # the whole (cropped) context
+            elif kv_caches is None:  # prefill: the prompt, in one pass
+                max_len = min(block_size, idx.size(1) + max_new_tokens)
+                kv_caches = [KVCache(max_len) for _ in self.layers]
+                logits, _ = self(idx, kv_caches=kv_caches)
+            else:  # the last token only, at position kv_caches[0].length = idx.size(1) - 1
+                logits, _ = self(idx[:, -1:], kv_caches=kv_caches)
             logits = logits[:, -1, :].float()  # (B, V)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -251,6 +304,68 @@ class GPT(nn.Module):
         print(f"optimizer: AdamW, {sum(p.numel() for p in decay):,} decayed and "
               f"{sum(p.numel() for p in no_decay):,} non-decayed trainable parameters, fused={fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def estimate_memory(config: ModelConfig, batch_size, dtype="bfloat16", grad_accum=1):
+    """Bytes that a training step of GPT(config) needs at its peak, from the config alone (nothing is allocated),
+    to choose --batch_size before a run. batch_size is the micro-batch, of block_size tokens per row; dtype is
+    the autocast dtype ("float32": no autocast); every parameter is taken as trainable. Returns a dict:
+      weights           float32 master weights, 4 bytes per parameter
+      gradients         float32, 4 per parameter
+      adamw             exp_avg and exp_avg_sq, 8 per parameter
+      autocast_weights  the copy in dtype of every linear weight that autocast makes and backward keeps
+      activations       what the forward keeps for backward (formula below), batch_size * block_size tokens
+      logits            (a + 12) bytes per token and vocabulary entry, all alive as backward starts: the
+                        logits in dtype, the float32 log-probabilities cross-entropy keeps, their gradient and
+                        the gradient of the float32 logits
+      total             the peak of every step after the first (the first makes the AdamW state at its end),
+                        with grad_accum = 1 (grads set to None after each step, as train.py does):
+                        weights + adamw + max(autocast_weights + activations + logits, gradients), since backward
+                        frees activations as it makes gradients; with grad_accum > 1 all of it at once
+      per_token_layer   activations of one token in one layer (the formula)
+    Activations of one token in one layer, in bytes, with a = bytes of dtype, C = n_embd, H = hidden_dim:
+      RMSNorm x 2        16C + 8    float32 input and normalised output, 1/rms (the residual stream is float32)
+      linear inputs      5aC        autocast casts the norm's output separately for q, k, v, gate and up
+                         (8C)       float32: the two norms' outputs, each shared by its linears
+      attention          4aC + 4nh  rotated q, k, v and the output (which is o_proj's input), log-sum-exp
+      SwiGLU             4aH        gate, silu(gate), up and their product (down_proj's input)
+    = 34C + 8H + 4nh + 8 in bfloat16 (132.1 KiB at C=2048, H=8192, nh=16; 132.6 KiB was measured on a GPU),
+      40C + 16H + 4nh + 8 in float32. Plus per token: input ids and targets (16), the final norm (8C + 4) and
+    lm_head's input (aC, or 4C in float32); plus, under autocast, each layer's casts of the rotary tables.
+    Assumes a fused attention kernel (flash or memory-efficient, as on GPUs and in CPU builds of torch 2.x):
+    O(T) per head. The math fallback would also keep (B, nh, T, T) attention weights per layer. Not counted:
+    the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation (leave ~10% headroom), and
+    torch.compile, which fuses element-wise ops and keeps less. Checked on CPU (test_smoke.py): activations
+    exactly as autograd saves them; total within 3% of a step's peak resident memory."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    a = DTYPE_BYTES[dtype]
+    autocast = dtype != "float32"
+    C, H, nh, T, V, L = (config.n_embd, config.hidden_dim, config.n_head, config.block_size, config.vocab_size,
+                         config.n_layer)
+    tokens = batch_size * T
+    linear_params = L * (4 * C * C + 3 * C * H) + V * C  # attention, MLP, lm_head
+    params = linear_params + V * C + L * 2 * C + C  # + embedding table, norm gains
+    per_token_layer = (16 * C + 8) + (5 * a * C if autocast else 8 * C) + (4 * a * C + 4 * nh) + 4 * a * H
+    per_token_outside = 16 + (8 * C + 4) + (a * C if autocast else 4 * C)
+    rope_casts = L * 4 * T * (C // nh) * a if autocast else 0  # cos and sin, for q and for k
+    memory = {
+        "weights": 4 * params,
+        "gradients": 4 * params,
+        "adamw": 8 * params,
+        "autocast_weights": a * linear_params if autocast else 0,
+        "activations": tokens * (L * per_token_layer + per_token_outside) + rope_casts,
+        "logits": tokens * V * (a + 4 + 4 + 4),
+        "per_token_layer": per_token_layer,
+    }
+    in_flight = memory["autocast_weights"] + memory["activations"] + memory["logits"]
+    if grad_accum > 1:  # later micro-steps run forward and backward with every gradient held
+        in_flight += memory["gradients"]
+    memory["total"] = memory["weights"] + memory["adamw"] + max(in_flight, memory["gradients"])
+    return memory
 
 
 def param_group(name: str) -> str:

@@ -9,7 +9,8 @@ inferring that hidden rule in context. Read this file top to bottom:
   3. rules             a tiny random conv net per rule, simulated for thousands of rules in one tensor program
   4. tokens            2x2 patches -> one id each, every frame wrapped in START ... END
   5. gzip filter       keep rules whose rollouts compress neither too well (dead) nor too badly (noise)
-  6. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full
+  6. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full;
+                       a pure function of (seed, config) whatever the chunk or device, its state a few integers
   7. command line      a picture of rollouts, gzip statistics and a throughput benchmark
 
 Examples:
@@ -118,16 +119,21 @@ def hash32(x):
     return x ^ (x >> 16)
 
 
-def random_uniform(seed, *counters):
-    """Floats in (0, 1), a pure function of seed and counters (int64 tensors or ints, broadcast together)."""
-    h = hash32(torch.as_tensor(seed))
+def random_bits(seed, *counters):
+    """32 random bits, a pure function of seed and counters (int64 tensors or ints, broadcast together)."""
+    h = hash32(seed)
     for c in counters:
         h = hash32(h ^ c)
-    return ((h >> 8).float() + 0.5) / 2 ** 24  # the top 24 bits: exact in float32, never 0 or 1
+    return torch.as_tensor(h)
+
+
+def random_uniform(seed, *counters):
+    """float64 numbers in (0, 1), a pure function of seed and counters: the top 24 of the 32 bits, never 0 or 1."""
+    return ((random_bits(seed, *counters) >> 8).double() + 0.5) / 2 ** 24
 
 
 def random_normal(seed, stream, n):
-    """n standard normals per seed (Box-Muller), shape (len(seed), n)."""
+    """n float64 standard normals per seed (Box-Muller), shape (len(seed), n)."""
     k = torch.arange(n, device=seed.device)
     u1 = random_uniform(seed[:, None], stream, 2 * k)
     u2 = random_uniform(seed[:, None], stream, 2 * k + 1)
@@ -136,6 +142,17 @@ def random_normal(seed, stream, n):
 
 # Streams: independent sequences of random numbers drawn from one seed.
 RULE_WEIGHTS, GRID_LOGITS, GRID_CELLS, UPDATE_NOISE = 1, 2, 3, 4
+# ... and those drawn from the seed of an NCAStream: the seeds of its i-th rule and grid, its pool's order each epoch
+RULE_SEEDS, GRID_SEEDS, POOL_ORDER, POOL_GRIDS = 5, 6, 7, 8
+HELD_OUT = 2 ** 31  # the top bit: set in every seed of a held-out stream, clear in every training seed
+
+
+def stream_seeds(seed, stream, index, held_out=False):
+    """Seeds (int64, like index) of the rules or grids number `index` of the data stream `seed`: the top 31 of 32
+    random bits of (seed, stream, index), so in [0, 2^31); held_out adds 2^31. The i-th rule a stream tries is
+    the same whatever the chunk it is simulated in, and no training rule is a held-out rule."""
+    seeds = random_bits(seed, stream, index) >> 1
+    return seeds + HELD_OUT if held_out else seeds
 
 # -----------------------------------------------------------------------------
 # 3. Rules and their simulation
@@ -144,19 +161,34 @@ RULE_WEIGHTS, GRID_LOGITS, GRID_CELLS, UPDATE_NOISE = 1, 2, 3, 4
 # Biases start at zero and rules are never trained, so we leave them out.
 # Because the input is one-hot, the 3x3 convolution is a table lookup: each of the 9 neighbours contributes the
 # 4 numbers W1[:, state, ky, kx]. So we store W1 as a table (9 * C rows of 4) and sum 9 looked-up rows per cell.
+#
+# Precision. At temperature 1e-4 the sampled state flips when a logit moves by a hair, and float32 products move with
+# the device: on a GPU train.py turns TF32 on (10-bit mantissas in matmuls) and autocast runs bmm in bf16. With float32
+# rules, emulated TF32 rounding of the bmm inputs changed 45% of 300 rollouts and bf16 autocast 88%. So a rollout is
+# computed to be the same on any device:
+#  - W1's entries are rounded to multiples of 2^-20. Box-Muller's |z| <= 5.9 (24-bit uniforms), so |W1| < 1.4 and a
+#    sum of 9 entries is a multiple of 2^-20 below 16 = 2^24 quanta: the lookup sums are exact in float32, in any
+#    order, and the lookup (a fast float32 embedding_bag; a float64 one is ~15x slower on CPU) is not a matmul,
+#    which TF32 and autocast leave alone.
+#  - w2, w3, both bmm's, the logits and the sampling are float64: neither TF32 nor autocast touches float64 tensors,
+#    and float64 rounding (~1e-16) moves a sampling boundary by ~1e-11 at T=1e-4: a sample differs between devices
+#    only if its uniform falls that close to a boundary. On CPU this costs ~20-25% of filtered tokens/s.
 
 HIDDEN1, HIDDEN2 = 4, 16
+W1_QUANTUM = 2 ** -20
 
 
 def sample_rules(rule_seeds, num_colors):
-    """Rule weights for a batch of seeds (R,) -> dict of lookup table (R, 9*C, 4), w2 (R, 16, 4), w3 (R, C, 16)."""
+    """Rule weights for a batch of seeds (R,) -> dict of lookup table (R, 9*C, 4) (float32, multiples of
+    W1_QUANTUM), w2 (R, 16, 4) and w3 (R, C, 16) (float64)."""
     C, R = num_colors, len(rule_seeds)
     n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
-    z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)
+    z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)                   # float64
     w1 = z[:, :n1].view(R, HIDDEN1, C, 3, 3) / math.sqrt(C * 9)                 # conv layout (out, in, ky, kx)
     w2 = z[:, n1:n1 + n2].view(R, HIDDEN2, HIDDEN1) / math.sqrt(HIDDEN1)         # (out, in)
     w3 = z[:, n1 + n2:].view(R, C, HIDDEN2) / math.sqrt(HIDDEN2)
     table = w1.permute(0, 3, 4, 2, 1).reshape(R, 9 * C, HIDDEN1)               # row (ky*3 + kx)*C + state
+    table = (torch.round(table / W1_QUANTUM) * W1_QUANTUM).float()              # exact: 21 bits at most
     return {"table": table.contiguous(), "w2": w2, "w3": w3}
 
 
@@ -170,15 +202,16 @@ def neighbour_index(grid, device):
 
 
 def rule_logits(grid, rules, num_colors):
-    """Next-state logits of every cell: (R, H, W) states -> (R, C, H*W). Channels first: the reductions over C
-    below then run over contiguous rows of H*W cells, several times faster on CPU than over a last axis of 10."""
+    """Next-state logits of every cell: (R, H, W) states -> (R, C, H*W) float64. Channels first: the reductions over
+    C below then run over contiguous rows of H*W cells, several times faster on CPU than over a last axis of 10."""
     R, H, W = grid.shape
     C = num_colors
     neighbours = grid.view(R, H * W)[:, neighbour_index(H, grid.device)]          # (R, H*W, 9) states
     table_row = torch.arange(9, device=grid.device) * C + torch.arange(R, device=grid.device).view(R, 1, 1) * 9 * C
     rows = (neighbours + table_row).view(R * H * W, 9)                            # rows of the stacked tables
-    h = F.embedding_bag(rows, rules["table"].view(R * 9 * C, HIDDEN1), mode="sum")  # (R*H*W, 4): the conv3x3
-    h = torch.relu(torch.bmm(rules["w2"], h.view(R, H * W, HIDDEN1).transpose(1, 2)))  # (R, 16, H*W)
+    h = F.embedding_bag(rows, rules["table"].view(R * 9 * C, HIDDEN1), mode="sum")  # (R*H*W, 4): the conv3x3, exact
+    h = h.view(R, H * W, HIDDEN1).transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format)
+    h = torch.bmm(rules["w2"], h).relu_()                                           # (R, 16, H*W)
     return torch.bmm(rules["w3"], h)                                                 # (R, C, H*W)
 
 
@@ -187,12 +220,12 @@ def sample_categorical(logits, u, temperature):
     logits (R, C, N), u (R, N) -> states (R, N). temperature 0 is its limit: uniform over the maximal states."""
     best = logits.amax(dim=1, keepdim=True)
     if temperature == 0:
-        weights = (logits == best).float()
+        weights = (logits == best).to(logits.dtype)
     else:
         # states more than 30 nats below the best get weight e^-30 ~ 1e-13, far below what a 24-bit u resolves;
         # the clamp only avoids exp's slow underflow path (at T=1e-4 most logit gaps are thousands of nats)
-        weights = torch.exp(((logits - best) / temperature).clamp_min(-30.0))
-    cdf = weights.cumsum(dim=1)                                                   # (R, C, N)
+        weights = (logits - best).div_(temperature).clamp_min_(-30.0).exp_()    # in place: one (R, C, N) buffer
+    cdf = weights.cumsum_(dim=1)                                                  # (R, C, N)
     return (cdf < u[:, None, :] * cdf[:, -1:, :]).sum(dim=1).clamp_max(logits.shape[1] - 1)
 
 
@@ -313,9 +346,13 @@ def in_band(ratios, cfg):
 
 # -----------------------------------------------------------------------------
 # 6. Training batches
+# A stream is a pure function of (seed, NCAConfig): its i-th rule and grid have the seeds stream_seeds(seed, ., i),
+# rejection sampling keeps the accepted rules in index order, so the batches are the same whatever the chunk and the
+# device. Its state is a few integers: the number of the first sequence not yet handed out; a restored stream
+# simulates again from there, and the same rules are accepted again.
 
-def select_rules(rules, keep):
-    return {k: v[keep] for k, v in rules.items()}
+def select_rules(rules, rows):
+    return {k: v.index_select(0, rows) for k, v in rules.items()}
 
 
 def default_chunk(device):
@@ -329,13 +366,14 @@ class NCAStream:
     """An endless stream of (x, y) batches of shape (batch_size, seq_len) of NCA token sequences.
 
     Every sequence comes from its own rule and initial grid. With num_rules=0 (default) every sequence gets a fresh
-    rule that passed the gzip band; with num_rules=N a pool of N filtered rules is drawn once and then reused with
-    fresh initial grids, epoch after epoch (the paper reused 16,000 rules for 10 epochs).
+    rule that passed the gzip band; with num_rules=N the pool is the first N rules that pass, reused with fresh
+    initial grids epoch after epoch, in a new order each epoch (the paper reused 16,000 rules for 10 epochs).
     y is x shifted by one; the first frame's targets are -1 (ignored by the loss): nothing to infer a rule from yet.
+    held_out=True sets the top bit 2^31 of every seed, which no training stream's seed has (for evaluation).
     """
 
     def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
-                 max_rejected=20_000):
+                 max_rejected=20_000, held_out=False):
         cfg.validate()
         if seq_len < cfg.frame_len:
             raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame "
@@ -347,24 +385,24 @@ class NCAStream:
                              f"a GPU), got {chunk}")
         self.device, self.chunk, self.max_rejected = torch.device(device), chunk or default_chunk(device), max_rejected
         self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
-        # seeds of rules and grids come from one generator: the stream is a pure function of `seed`
-        self.seeds = torch.Generator().manual_seed(seed)
+        self.seed, self.held_out, self.num_rules = seed, held_out, num_rules
         self.tried = self.accepted = 0
-        self.buffer = []  # accepted sequences not yet handed out, so no simulated rule is wasted
-        self.pool = self.filter_rules(num_rules) if num_rules else None
-        self.pool_order, self.pool_pos = None, 0
+        self.next_rule = 0  # index of the next rule to simulate
+        self.buffer = []    # accepted sequences not yet handed out (device tensors), so no simulated rule is wasted
+        self.numbers = []   # host ints, one per buffered sequence: its rule index, or its pool sequence number
+        self.pool = self.filter_rules(num_rules) if num_rules else None  # rule seeds (num_rules,) on the device
+        self.next_sequence, self.pool_order = 0, (None, None)  # pool: next sequence number; (epoch, its order)
 
-    def draw_seeds(self, n):
-        return torch.randint(0, 2 ** 31, (n,), generator=self.seeds).to(self.device)
+    def seeds(self, stream, index):
+        """The seeds of rules or grids number `index` (an int64 tensor on the device) of this stream."""
+        return stream_seeds(self.seed, stream, index, self.held_out)
 
     def filter_rules(self, n):
-        """Rejection-sample n rule seeds whose gzip ratio is in the band."""
+        """The seeds of the first n rules whose gzip ratio is in the band."""
         kept = []
-        while sum(map(len, kept)) < n:
-            rule_seeds = self.draw_seeds(self.chunk)
-            ratios = score_rules(rule_seeds, self.draw_seeds(self.chunk), self.cfg)[0]
-            kept.append(rule_seeds[torch.from_numpy(self.count(ratios)).to(self.device)])
-        return torch.cat(kept)[:n]
+        while len(kept) < n:
+            kept += self.fresh_rules()[0][:n - len(kept)]
+        return self.seeds(RULE_SEEDS, torch.tensor(kept, device=self.device))
 
     def count(self, ratios):
         """Book-keeping of the acceptance rate, and the guard against a band that accepts nothing."""
@@ -378,56 +416,91 @@ class NCAStream:
                 f"the distribution with: python nca.py --num_colors {self.cfg.num_colors} --stats 2000")
         return keep
 
+    def fresh_rules(self):
+        """Score the next chunk of rules. Returns the indices of the accepted ones (host ints, ascending), their rows
+        in the chunk (an index tensor on the device), the chunk's grid seeds and score_rules' outputs. The accept
+        decision is made on the host (gzip), so rows are picked with index_select, never with a device mask (which
+        waits for the GPU to learn how many rows there are)."""
+        index = torch.arange(self.next_rule, self.next_rule + self.chunk, device=self.device)
+        grid_seeds = self.seeds(GRID_SEEDS, index)
+        scored = score_rules(self.seeds(RULE_SEEDS, index), grid_seeds, self.cfg)
+        keep = np.flatnonzero(self.count(scored[0]))
+        accepted = (self.next_rule + keep).tolist()
+        self.next_rule += self.chunk
+        return accepted, torch.from_numpy(keep).to(self.device), grid_seeds, scored
+
     def fresh_sequences(self):
-        """Draw a chunk of new rules, score them, continue only the accepted ones to full length."""
-        rule_seeds, grid_seeds = self.draw_seeds(self.chunk), self.draw_seeds(self.chunk)
-        ratios, frames, grid, t, rules = score_rules(rule_seeds, grid_seeds, self.cfg)
-        keep = torch.from_numpy(self.count(ratios)).to(self.device)
-        more = self.num_frames - self.cfg.score_frames
-        if more > 0 and keep.any():
-            rest, _, _ = rollout(grid[keep], select_rules(rules, keep), grid_seeds[keep], t, more + 1, self.cfg)
-            return torch.cat([frames[keep], rest[:, 1:]], dim=1)  # rest[:, 0] repeats the last scoring frame
-        return frames[keep]
+        """The accepted rules of the next chunk, continued to full length. -> frames, their rule indices"""
+        accepted, rows, grid_seeds, (_, frames, grid, t, rules) = self.fresh_rules()
+        frames, more = frames.index_select(0, rows), self.num_frames - self.cfg.score_frames
+        if more > 0 and accepted:
+            grid, grid_seeds = grid.index_select(0, rows), grid_seeds.index_select(0, rows)
+            rest, _, _ = rollout(grid, select_rules(rules, rows), grid_seeds, t, more + 1, self.cfg)
+            frames = torch.cat([frames, rest[:, 1:]], dim=1)  # rest[:, 0] repeats the last scoring frame
+        return frames, accepted
+
+    def epoch_order(self, epoch):
+        """The order of the pool in an epoch: a permutation (on the host) sorted by random bits of (seed, epoch)."""
+        if self.pool_order[0] != epoch:
+            keys = random_bits(self.seed, POOL_ORDER, epoch, torch.arange(len(self.pool)))
+            self.pool_order = (epoch, torch.argsort(keys, stable=True))
+        return self.pool_order[1]
 
     def pool_sequences(self):
-        """The next chunk of pool rules (a new random order every epoch) with fresh initial grids."""
-        if self.pool_order is None or self.pool_pos >= len(self.pool):
-            self.pool_order = torch.randperm(len(self.pool), generator=self.seeds).to(self.device)
-            self.pool_pos = 0
-        rule_seeds = self.pool[self.pool_order[self.pool_pos:self.pool_pos + self.chunk]]
-        self.pool_pos += len(rule_seeds)
-        grid_seeds = self.draw_seeds(len(rule_seeds))
-        rules = sample_rules(rule_seeds, self.cfg.num_colors)
+        """The next pool sequences, up to a chunk and never past the epoch's end. Sequence number k is rule
+        order(k // N)[k % N] of the pool with the initial grid of seed stream_seeds(seed, POOL_GRIDS, k).
+        -> frames, their sequence numbers"""
+        N, k = len(self.pool), self.next_sequence
+        epoch, pos = divmod(k, N)
+        places = self.epoch_order(epoch)[pos:pos + self.chunk]
+        numbers = torch.arange(k, k + len(places), device=self.device)
+        self.next_sequence += len(places)
+        rules = sample_rules(self.pool.index_select(0, places.to(self.device)), self.cfg.num_colors)
+        grid_seeds = self.seeds(POOL_GRIDS, numbers)
         grid = initial_grids(grid_seeds, self.cfg)
-        return rollout(grid, rules, grid_seeds, 0, self.num_frames, self.cfg, skip=self.cfg.burn_in)[0]
+        frames = rollout(grid, rules, grid_seeds, 0, self.num_frames, self.cfg, skip=self.cfg.burn_in)[0]
+        return frames, list(range(k, k + len(places)))
 
     def next_batch(self):
-        n = sum(map(len, self.buffer))
-        while n < self.batch_size:
-            frames = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
-            if len(frames):
+        while len(self.numbers) < self.batch_size:
+            frames, numbers = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
+            if numbers:
                 self.buffer.append(encode(frames, self.cfg)[:, :self.seq_len + 1])
-                n += len(frames)
+                self.numbers += numbers
         sequences = torch.cat(self.buffer)
         batch, rest = sequences[:self.batch_size], sequences[self.batch_size:]
         self.buffer = [rest] if len(rest) else []
+        del self.numbers[:self.batch_size]
         x, y = batch[:, :-1].clone(), batch[:, 1:].clone()
         y[:, :self.cfg.frame_len - 1] = -1  # targets inside the first frame: masked
         return x, y
 
     def state_dict(self):
-        """Everything needed to continue the stream exactly (for train.py --resume): plain types and tensors."""
-        return {"seeds": self.seeds.get_state(), "tried": self.tried, "accepted": self.accepted,
-                "buffer": torch.cat(self.buffer).cpu() if self.buffer else None,
-                "pool": None if self.pool is None else self.pool.cpu(),
-                "pool_order": None if self.pool_order is None else self.pool_order.cpu(), "pool_pos": self.pool_pos}
+        """Where the stream stands, in python ints (no tensors, no host copies): the first sequence not yet handed
+        out, as a rule index (next_rule) or a pool place (pool_epoch, pool_pos), and the counters of the rules before
+        it. The buffer is not saved: load_state_dict simulates it again."""
+        if self.pool is not None:
+            epoch, pos = divmod(self.numbers[0] if self.numbers else self.next_sequence, len(self.pool))
+            next_rule, tried, accepted = self.next_rule, self.tried, self.accepted
+        else:  # every accepted rule from the first buffered one on is in the buffer
+            next_rule = self.numbers[0] if self.numbers else self.next_rule
+            tried, accepted = self.tried - (self.next_rule - next_rule), self.accepted - len(self.numbers)
+            epoch = pos = 0
+        return {"seed": self.seed, "held_out": self.held_out, "num_rules": self.num_rules, "next_rule": next_rule,
+                "pool_epoch": epoch, "pool_pos": pos, "tried": tried, "accepted": accepted}
 
     def load_state_dict(self, state):
-        self.seeds.set_state(state["seeds"])
-        self.tried, self.accepted, self.pool_pos = state["tried"], state["accepted"], state["pool_pos"]
-        self.buffer = [] if state["buffer"] is None else [state["buffer"].to(self.device)]
-        self.pool, self.pool_order = (None if t is None else t.to(self.device)
-                                      for t in (state["pool"], state["pool_order"]))
+        """Continue from state_dict's position: the next batches are those the saved stream would have made."""
+        if "next_rule" not in state:
+            raise ValueError("this NCA stream state was saved by an older nca.py (seeds drawn per chunk), whose "
+                             "data cannot be continued; start the stage afresh")
+        for key in ("seed", "held_out", "num_rules"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"the saved NCA stream has {key}={state[key]}, this one {getattr(self, key)}: "
+                                 f"resume with the same settings")
+        self.tried, self.accepted, self.next_rule = state["tried"], state["accepted"], state["next_rule"]
+        self.next_sequence = state["pool_epoch"] * self.num_rules + state["pool_pos"]
+        self.buffer, self.numbers = [], []
 
     def __iter__(self):
         while True:
@@ -438,13 +511,11 @@ class NCAStream:
 # 7. Command line: demo picture, statistics, benchmark
 
 def random_ratios(cfg, n, seed=0, device="cpu", chunk=512):
-    """gzip ratios of n random (unfiltered) rules."""
-    g = torch.Generator().manual_seed(seed)
+    """gzip ratios of n random (unfiltered) rules: the first n rules an NCAStream with this seed tries."""
     out = []
     for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        rule_seeds, grid_seeds = (torch.randint(0, 2 ** 31, (m,), generator=g).to(device) for _ in range(2))
-        out.append(score_rules(rule_seeds, grid_seeds, cfg)[0])
+        index = torch.arange(i, min(i + chunk, n), device=device)
+        out.append(score_rules(stream_seeds(seed, RULE_SEEDS, index), stream_seeds(seed, GRID_SEEDS, index), cfg)[0])
     return np.concatenate(out)
 
 
@@ -512,8 +583,8 @@ def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = torch.Generator().manual_seed(0)
-    rule_seeds, grid_seeds = (torch.randint(0, 2 ** 31, (num_rules,), generator=g).to(device) for _ in range(2))
+    index = torch.arange(num_rules, device=device)
+    rule_seeds, grid_seeds = stream_seeds(0, RULE_SEEDS, index), stream_seeds(0, GRID_SEEDS, index)
     t0 = time.perf_counter()
     ratios, frames, _, _, _ = score_rules(rule_seeds, grid_seeds, cfg)
     dt = time.perf_counter() - t0

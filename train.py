@@ -21,15 +21,21 @@ Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically) a
 """
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import re
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, field, fields
 
 import numpy as np
@@ -38,10 +44,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import nca
-from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs
-from model import GPT, GROUPS, ModelConfig, arg, transfer
+from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, read_jsonl
+from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
 
 
@@ -54,11 +61,13 @@ class TrainConfig:
     resume: bool = arg(False, "continue out_dir/<stage>/ckpt.pt where it stopped")
     seed: int = arg(0, "seeds the model init and the data order")
     data_dir: str = arg(DATA_DIR, "datasets live in data_dir/<name>/")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu")
-    dtype: str = arg("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")
+    device: str = arg("auto", "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu")
+    dtype: str = arg("auto", "autocast precision: float32, bfloat16 or float16; auto: bfloat16 on a GPU that runs it "
+                             "natively (Ampere or newer), else float32 (weights and AdamW stay float32)")
     compile: bool = arg(False, "torch.compile the model (GPU)")
     peak_tflops: float = arg(0.0, "the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS")
     bench: bool = arg(False, "measure NCA and training throughput on this config, then exit")
+    check: bool = arg(False, "check every GPU path in a few minutes (PASS/FAIL per item), then exit")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
     prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, random, c4)")
     prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
@@ -92,10 +101,20 @@ class TrainConfig:
     eval_iters: int = arg(10, "batches per loss estimate (the same fixed batches every time)")
     log_interval: int = arg(10, "iterations between log lines")
 
+    def __post_init__(self):  # "auto" resolves to what this machine has
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            native_bf16 = self.device.startswith("cuda") and torch.cuda.is_available() and \
+                torch.cuda.is_bf16_supported(including_emulation=False)
+            self.dtype = "bfloat16" if native_bf16 else "float32"
 
-# dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate; CPUs get no MFU
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+# dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate: (pattern searched in
+# torch.cuda.get_device_name, TFLOP/s), the first match wins, so variants come before their family. CPUs get no MFU.
+PEAK_TFLOPS = [(r"H[12]00.*NVL", 835.0), (r"H100.*PCIe", 756.0), (r"H100|H200", 989.0), (r"A100", 312.0),
+               (r"L40S", 362.0), (r"L40\b", 181.0), (r"L4\b", 121.0), (r"A10G", 70.0), (r"A10\b", 125.0),
+               (r"RTX 4090", 165.0), (r"RTX 3090", 71.0)]
 WARMUP_STEPS = 5  # steps the benchmark leaves out of its steady-state numbers (compilation, allocator)
 RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data with seed + r * RANK_SEED_STRIDE
 
@@ -165,15 +184,30 @@ def validate(cfg, model_cfg, nca_cfg):
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
+    validate_device(cfg.device)
+    validate_optimizer(cfg)
+    if cfg.nca_num_rules < 0 or cfg.nca_num_rules > 10 ** 8:
+        raise ValueError(f"--nca_num_rules {cfg.nca_num_rules}: use 0 (a fresh rule per sequence) or a pool of 1 to "
+                         f"10^8 rules (the paper: 16000)")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir {cfg.out_dir} is a file; give a folder (it will hold <stage>/ckpt.pt)")
+    if not os.path.isdir(cfg.data_dir):
+        raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
     if cfg.init_from:
-        load_checkpoint(cfg.init_from, "cpu", flag="--init_from ")  # fail now, not after preparing data
+        load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
     if cfg.init_from and cfg.resume:
         raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
     if cfg.reinit != "auto":
         split_groups("reinit", cfg.reinit)
-    split_groups("freeze", cfg.freeze)
+    if set(split_groups("freeze", cfg.freeze)) >= set(GROUPS):
+        raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
     model_cfg.validate()
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    if cfg.resume:  # the flags that shape the model, the schedule and the data must be the checkpoint's
+        for stage in stages:
+            path = os.path.join(cfg.out_dir, stage, "ckpt.pt")
+            if os.path.exists(path):
+                check_resume(load_checkpoint(path, "--resume: ", mmap=True), stage, cfg, model_cfg, nca_cfg, path)
     names = {"prepretrain": cfg.prepretrain_data, "pretrain": cfg.pretrain_data, "finetune": cfg.finetune_data}
     for stage in stages:
         name = names[stage]
@@ -197,6 +231,33 @@ def validate(cfg, model_cfg, nca_cfg):
                 load_pairs(data_dir, split, name)
         else:
             check_prepared(data_dir, name)
+
+
+def validate_device(device):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no GPU here (a CPU-only torch build, or no driver); use "
+                             f"--device cpu")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif kind != "cpu":
+        raise ValueError(f"--device {device}: train.py runs on cpu or cuda")
+
+
+def validate_optimizer(cfg):
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)} (AdamW's usual: 0.9 and 0.95)")
+    for name in ("weight_decay", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
 
 
 # -----------------------------------------------------------------------------
@@ -278,22 +339,38 @@ class NCAData(Data):
         self.vocab_size = nca_cfg.vocab_size
         self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
                                     device=cfg.device, num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk)
-        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + 1_000_003, device=cfg.device,
-                                 chunk=cfg.nca_chunk)
+        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
+                                 chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
         self.val = [held_out.next_batch() for _ in range(cfg.eval_iters)]
         # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
         # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
         self.worker = ThreadPoolExecutor(max_workers=1) if cfg.nca_prefetch else None
-        self.ahead = None  # future of (stream state before the batch, batch)
+        self.ahead = None  # future of (stream state before the batch, batch, CUDA event marking it ready)
+        # on a GPU the thread queues its work on a CUDA stream of its own: its waits (the gzip filter reads rollouts
+        # back to the CPU) then wait for its own kernels only, never for the training step's
+        gpu = torch.device(cfg.device).type == "cuda"
+        self.side_stream = torch.cuda.Stream(cfg.device) if gpu and self.worker else None
 
     def make_batch(self):
-        return self.stream.state_dict(), self.stream.next_batch()
+        state = self.stream.state_dict()  # plain numbers: no copy from the GPU
+        if self.side_stream is None:
+            return state, self.stream.next_batch(), None
+        with torch.cuda.stream(self.side_stream):
+            batch = self.stream.next_batch()
+            ready = torch.cuda.Event()
+            ready.record(self.side_stream)
+        return state, batch, ready
 
     def get_batch(self, split):
         if self.worker is None:
             return self.stream.next_batch()
-        _, batch = (self.ahead or self.worker.submit(self.make_batch)).result()
+        _, batch, ready = (self.ahead or self.worker.submit(self.make_batch)).result()
         self.ahead = self.worker.submit(self.make_batch)
+        if ready is not None:
+            training_stream = torch.cuda.current_stream(self.side_stream.device)
+            training_stream.wait_event(ready)  # the GPU waits for the batch; the CPU goes on
+            for tensor in batch:  # made on the side stream, used on this one: the allocator must know
+                tensor.record_stream(training_stream)
         return batch
 
     def state_dict(self):
@@ -305,6 +382,13 @@ class NCAData(Data):
             self.ahead.result()  # let the thread finish before the stream is rewound
             self.ahead = None
         self.stream.load_state_dict(state)
+
+
+def to_device(tensors, device):
+    """CPU batches to the device; from pinned memory the copy is asynchronous, so the GPU does not wait for it."""
+    if torch.device(device).type != "cuda":
+        return tensors
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 class TokenData(Data):
@@ -328,10 +412,7 @@ class TokenData(Data):
         data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
         starts = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=generator)
         rows = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in starts])
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        if self.device.startswith("cuda"):  # from pinned memory the copy is asynchronous: the GPU does not wait
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        return to_device((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()), self.device)
 
     def get_batch(self, split):
         return self.batch(split, self.generator)
@@ -366,7 +447,7 @@ class PairData(Data):
             seq = torch.tensor(prompt + completion)
             x[row, :len(seq) - 1] = seq[:-1]
             y[row, len(prompt) - 1:len(seq) - 1] = seq[len(prompt):]  # targets: the completion tokens only
-        return x.to(self.device), y.to(self.device)
+        return to_device((x, y), self.device)
 
     def get_batch(self, split):
         pairs = self.pairs[split]
@@ -383,7 +464,7 @@ def make_data(stage, cfg, nca_cfg, block_size, tokenizer, rank=0):
 
 
 # -----------------------------------------------------------------------------
-# schedule, evaluation, checkpoints
+# schedule and evaluation
 
 def get_lr(it, max_iters, lr, warmup_frac, min_lr_frac):
     """Linear warmup from (it+1)/warmup, then cosine decay to min_lr_frac * lr at the last iteration."""
@@ -392,18 +473,6 @@ def get_lr(it, max_iters, lr, warmup_frac, min_lr_frac):
         return lr * (it + 1) / warmup
     progress = (it - warmup) / max(1, max_iters - warmup)
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def peak_flops(cfg):
-    """FLOP/s of one device at 100% utilisation, or None where unknown (CPUs)."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if cfg.device.startswith("cuda"):
-        name = torch.cuda.get_device_name(cfg.device)
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
 
 
 @torch.no_grad()
@@ -418,18 +487,49 @@ def estimate_loss(model, data, autocast):
     return float(np.mean(losses))
 
 
+def peak_flops(cfg):
+    """FLOP/s of one device at 100% utilisation, or None where unknown (CPUs, GPUs not in PEAK_TFLOPS)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if torch.device(cfg.device).type == "cuda":
+        name = torch.cuda.get_device_name(cfg.device)
+        for pattern, tflops in PEAK_TFLOPS:
+            if re.search(pattern, name):
+                return tflops * 1e12
+    return None
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and logs: one writer per stage folder, written so that a kill at any moment loses nothing
+
 def save_checkpoint(path, checkpoint):
-    """Write to a temporary file, then rename: a kill mid-save leaves the previous checkpoint whole."""
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file of this process in the same folder, then rename it over the old checkpoint: a kill
+    mid-save leaves the previous checkpoint whole. A failed save removes its temporary file."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        free = shutil.disk_usage(folder).free  # before the partial file is removed
+        if free < 2 ** 26:  # torch.save says "unexpected pos ..." when the disk fills up
+            raise RuntimeError(f"saving {path}: the disk is full ({free / 2 ** 20:.0f} MiB free); free some space "
+                               f"and continue with --resume (the previous checkpoint is kept)") from e
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path, device, flag=""):
+def load_checkpoint(path, flag="", mmap=False):
+    """A checkpoint, always loaded to the CPU: the caller moves what runs (weights with model.to, optimizer state
+    with optimizer.load_state_dict), and the RNG states stay CPU byte tensors, the only kind generators accept.
+    mmap=True reads tensors lazily (to look at the settings of a big checkpoint)."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag}{path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
                          f"give a ckpt.pt written by train.py") from e
@@ -438,8 +538,109 @@ def load_checkpoint(path, device, flag=""):
     return checkpoint
 
 
+@contextmanager
+def stage_lock(stage_dir, ddp):
+    """One run per stage folder: rank 0 holds an exclusive lock on stage_dir/lock while the stage runs, and a second
+    run on the same folder stops at once with a message naming the first."""
+    if not ddp.master:
+        yield
+        return
+    with open(os.path.join(stage_dir, "lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"{stage_dir} is in use by another run ({f.read().strip() or 'unknown'}); wait for "
+                               f"it to finish or give this run another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        f.flush()
+        for name in os.listdir(stage_dir):  # what a run killed mid-save left (no other writer can be at work now)
+            if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
+                os.remove(os.path.join(stage_dir, name))
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_log(log_path, record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(log_path, iter_num):
+    """On --resume: keep the records up to the checkpoint's iteration (later ones are made again) and drop a torn or
+    blank line that a kill mid-write left. A missing log starts anew."""
+    if not os.path.exists(log_path):
+        print(f"--resume: {log_path} is missing; a new log starts at iteration {iter_num}")
+        return
+    kept = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("iter", math.inf) <= iter_num:
+                kept.append(json.dumps(record) + "\n")
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "warmup_frac", "min_lr_frac")
+
+
+def check_resume(checkpoint, stage, cfg, model_cfg, nca_cfg, ckpt_path):
+    """--resume continues a run as it was planned: flags that shape the model, the schedule or the data must be the
+    checkpoint's, or the run would silently keep the old model or re-plan its learning rate."""
+    saved, saved_cfg = checkpoint["model_args"], checkpoint.get("config", {})
+    differ = [f"--{k} {v} (checkpoint: {saved.get(k)})" for k, v in asdict(model_cfg).items()
+              if k != "vocab_size" and saved.get(k) != v]
+    for k in (f"{stage}_iters", f"{stage}_lr", f"{stage}_data") + RESUME_MUST_MATCH:
+        if saved_cfg.get(k) != getattr(cfg, k):
+            differ.append(f"--{k} {getattr(cfg, k)} (checkpoint: {saved_cfg.get(k)})")
+    saved_nca = checkpoint.get("nca_config")
+    if saved_nca is not None:
+        differ += [f"--{k} {v} (checkpoint: {saved_nca.get(k)})" for k, v in asdict(nca_cfg).items()
+                   if saved_nca.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume: {ckpt_path} was made with other settings: {'; '.join(differ)}. Resume with the "
+                         f"checkpoint's values, or start afresh with another --out_dir")
+
+
+# -----------------------------------------------------------------------------
+# one stage: set up (or resume), then optimizer steps, evaluating and saving every eval_interval
+
+@dataclass
+class Stage:
+    """What one stage's loop works on. `model` is what is saved; `train_model` what runs forward and backward (the
+    same module, DDP-wrapped and/or compiled); `ddp_model` the DDP wrapper, where gradient sync is switched."""
+    name: str
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    data: "Data"
+    max_iters: int
+    base_lr: float
+    ckpt_path: str
+    log_path: str
+    iter_num: int = 0
+    tokens_seen: int = 0
+    prior_tokens: int = 0  # tokens of the stages before, for the compute-matched comparison
+    best_val_loss: float = math.inf
+    start_iter: int = 0
+    train_model: torch.nn.Module = None
+    ddp_model: torch.nn.Module = None
+    autocast: object = None
+    scaler: object = None
+
+
 def build_model(stage, cfg, model_cfg, data, init):
-    """From scratch, or from a previous stage's checkpoint through the explicit transfer (model.transfer)."""
+    """From scratch, or from a previous stage's checkpoint through the explicit transfer (model.transfer): the
+    transformer carries over, the groups in --reinit (by default the embedding and the head, whose vocabulary
+    changes after NCA) start afresh. Built on the CPU; the caller moves it to the device."""
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if init is None:
         model = GPT(model_cfg)
@@ -458,27 +659,28 @@ def build_model(stage, cfg, model_cfg, data, init):
     return transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze))
 
 
-# -----------------------------------------------------------------------------
-# one stage: the training loop
-
-def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
-    """Train one stage; returns its checkpoint path and what was measured (tokens/s, data wait, MFU)."""
-    max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
+def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
+    """The model, optimizer and data of a stage, from scratch, from init_path, or resumed from its own checkpoint.
+    Checkpoints are read to the CPU and dropped once copied: nothing of them stays alive during training."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     ckpt_path, log_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "log.jsonl")
-    os.makedirs(stage_dir, exist_ok=True)
-    resume = load_checkpoint(ckpt_path, cfg.device) if cfg.resume and os.path.exists(ckpt_path) else None
+    resume = init = None
+    if cfg.resume and os.path.exists(ckpt_path):
+        resume = load_checkpoint(ckpt_path, "--resume: ")
+    elif cfg.resume:
+        print(f"--resume: there is no {ckpt_path} yet, so {stage} starts fresh")
+    elif init_path:
+        init = load_checkpoint(init_path, "--init_from ")
+    max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
     if resume is not None and resume["iter_num"] >= max_iters:
         print(f"== {stage}: already complete in {ckpt_path}, skipping")
-        return ckpt_path, {}
-    init = load_checkpoint(init_path, cfg.device) if init_path and resume is None else None
+        return None
     tokenizer = (resume or init or {}).get("data", {}).get("tokenizer")
     if stage == "finetune" and tokenizer is None:  # from scratch: the pre-training corpus's tokenizer
         tokenizer = prepared(cfg, cfg.pretrain_data, "tokens")[1]["tokenizer"]
     print(f"== {stage}: {max_iters} iterations on {getattr(cfg, f'{stage}_data')}, lr {base_lr}")
     torch.manual_seed(cfg.seed)
     data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer, ddp.rank)
-
     if resume is not None:
         model = GPT(ModelConfig(**resume["model_args"]))
         model.load_state_dict(resume["model"])
@@ -487,135 +689,255 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         print(f"resuming {ckpt_path} at iteration {resume['iter_num']}")
     else:
         model = build_model(stage, cfg, model_cfg, data, init)
+    check_memory(model.config, cfg, ddp)
     model.to(cfg.device)
-    device_type = "cuda" if "cuda" in cfg.device else "cpu"
-    optimizer = model.configure_optimizers(cfg.weight_decay, base_lr, (cfg.beta1, cfg.beta2), device_type)
-    iter_num, tokens_seen, best_val_loss = 0, 0, float("inf")
-    prior_tokens = (init["prior_tokens"] + init["tokens_seen"]) if init is not None else 0
+    optimizer = model.configure_optimizers(cfg.weight_decay, base_lr, (cfg.beta1, cfg.beta2),
+                                           torch.device(cfg.device).type)
+    run = Stage(stage, model, optimizer, data, max_iters, base_lr, ckpt_path, log_path)
+    if init is not None:
+        run.prior_tokens = init["prior_tokens"] + init["tokens_seen"]
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if len(resume["rank_state"]) != ddp.world:
-            raise ValueError(f"--resume: {ckpt_path} was written by {len(resume['rank_state'])} processes; resume it "
-                             f"with as many (this job has {ddp.world}) to continue the same data order")
-        data.load_state_dict(resume["rank_state"][ddp.rank]["data"])
-        torch.set_rng_state(resume["rank_state"][ddp.rank]["rng"])
-        iter_num, tokens_seen, best_val_loss = resume["iter_num"], resume["tokens_seen"], resume["best_val_loss"]
-        prior_tokens = resume["prior_tokens"]
-        if ddp.master:
-            with open(log_path) as f:  # drop what was logged after the checkpoint: those iterations run again
-                kept = [line for line in f if json.loads(line)["iter"] <= iter_num]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+        restore(run, resume, ddp)
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
+    return run
 
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+
+def restore(run, resume, ddp):
+    """Continue where the checkpoint stopped: optimizer state (moved to the parameters' device by torch), every
+    rank's data order and RNG state, the counters, and the log cut back to the checkpoint."""
+    if len(resume["rank_state"]) != ddp.world:
+        raise ValueError(f"--resume: {run.ckpt_path} was written by {len(resume['rank_state'])} processes; resume "
+                         f"it with as many (this job has {ddp.world}) to continue the same data order")
+    run.optimizer.load_state_dict(resume["optimizer"])
+    rank_state = resume["rank_state"][ddp.rank]
+    run.data.load_state_dict(rank_state["data"])
+    torch.set_rng_state(rank_state["rng"])
+    run.iter_num = run.start_iter = resume["iter_num"]
+    run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
+                                                            resume["best_val_loss"])
+    if ddp.master:
+        trim_log(run.log_path, run.iter_num)
+
+
+def prepare_for_training(run, cfg, ddp):
+    """Mixed precision, DistributedDataParallel, then torch.compile of the wrapped model (so that compile can split
+    the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass)."""
+    device_type = torch.device(cfg.device).type
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    train_model = torch.compile(model) if cfg.compile else model  # checkpoints save the un-compiled `model`
-    if ddp.world > 1:  # averages gradients across the ranks during backward
+    run.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    run.scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+    run.train_model = run.model
+    if ddp.world > 1:  # averages gradients across the ranks during backward; the rotary tables need no broadcast
         device_ids = [ddp.local_rank] if device_type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
-    micro_steps = cfg.grad_accum // ddp.world  # per rank; cfg.grad_accum is the whole job's
-    flops_per_token, peak = model.flops_per_token(), peak_flops(cfg)
+        run.train_model = run.ddp_model = DistributedDataParallel(run.model, device_ids=device_ids,
+                                                                  broadcast_buffers=False)
+    if cfg.compile:
+        run.train_model = torch.compile(run.train_model)
 
-    def checkpoint(rank_state):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
-                "config": asdict(cfg), "nca_config": asdict(nca_cfg) if data.name == "nca" else None,
-                "stage": stage, "data": {"name": data.name, "tokenizer": data.tokenizer,
-                                         "vocab_size": data.vocab_size, "eot_token": data.eot_token},
-                "iter_num": iter_num, "max_iters": max_iters, "tokens_seen": tokens_seen,
-                "prior_tokens": prior_tokens, "best_val_loss": best_val_loss, "rank_state": rank_state,
-                "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
 
-    t_start = t_log = time.time()
-    data_time = total_data_time = 0.0
-    tokens_at_log, tokens_at_start, it_start = tokens_seen, tokens_seen, iter_num
-    # the steady state, for the benchmark: training steps only (no evaluation, no saving), after the first few
-    # (torch.compile and the allocator warm up there)
-    steady = {"seconds": 0.0, "tokens": 0, "data": 0.0}
-    while True:
-        if iter_num == max_iters or iter_num % cfg.eval_interval == 0 and (iter_num > it_start or resume is None):
-            val_loss = estimate_loss(model, data, autocast)
-            best_val_loss = min(best_val_loss, val_loss)
-            print(f"iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f})", flush=True)
-            record = {"iter": iter_num, "tokens": tokens_seen, "prior_tokens": prior_tokens,
-                      "lr": get_lr(iter_num, max_iters, base_lr, cfg.warmup_frac, cfg.min_lr_frac),
-                      "train_loss": loss_value if iter_num > it_start else None, "val_loss": val_loss,
-                      "elapsed": time.time() - t_start}
-            if not math.isfinite(val_loss):
-                raise RuntimeError(f"{stage}: validation loss is {val_loss} at iteration {iter_num}; stopping. "
-                                   f"The last good checkpoint is kept in {ckpt_path}")
-            if iter_num > it_start or iter_num == max_iters:
-                rank_state = gather({"data": data.state_dict(), "rng": torch.get_rng_state()}, ddp)  # all ranks
-                if ddp.master:
-                    save_checkpoint(ckpt_path, checkpoint(rank_state))
-            if ddp.master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if iter_num >= max_iters:
-            break
+def optimizer_step(run, cfg, micro_steps, world):
+    """One step of the method: grad_accum micro-batches, clip, AdamW. -> (loss, tokens, seconds waiting for data)"""
+    lr = get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac, cfg.min_lr_frac)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    data_time, tokens, loss_sum = 0.0, 0, 0.0
+    for micro_step in range(micro_steps):
+        t0 = time.time()
+        x, y = run.data.get_batch("train")
+        data_time += time.time() - t0
+        if run.ddp_model is not None:  # average the gradients across ranks only once, on the last micro-step
+            run.ddp_model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with run.autocast:
+            _, loss = run.train_model(x, y)
+        run.scaler.scale(loss / micro_steps).backward()
+        loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU at every micro-step
+        tokens += x.numel() * world  # fine-tuning batches vary in length
+    loss_value = float(loss_sum) / micro_steps  # the one wait for the GPU in a step
+    if not math.isfinite(loss_value):
+        raise RuntimeError(f"{run.name}: training loss is {loss_value} at iteration {run.iter_num}; stopping "
+                           f"without saving. {kept_checkpoint(run)}; try a lower --{run.name}_lr")
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    run.tokens_seen += tokens
+    return loss_value, tokens, data_time
 
-        lr = get_lr(iter_num, max_iters, base_lr, cfg.warmup_frac, cfg.min_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t_step, step_data_time, step_tokens, loss_sum = time.time(), 0.0, 0, 0.0
-        for micro_step in range(micro_steps):
-            t0 = time.time()
-            x, y = data.get_batch("train")
-            step_data_time += time.time() - t0
-            if ddp.world > 1:  # average the gradients across ranks only once, on the last micro-step
-                train_model.require_backward_grad_sync = micro_step == micro_steps - 1
-            with autocast:
-                _, loss = train_model(x, y)
-            scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU at every micro-step
-            step_tokens += x.numel() * ddp.world  # fine-tuning batches vary in length
-        loss_value = loss_sum.item() / micro_steps  # the one wait for the GPU in a step
-        tokens_seen += step_tokens
-        data_time += step_data_time
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"{stage}: training loss is {loss_value} at iteration {iter_num}; stopping without "
-                               f"saving. The last good checkpoint is kept in {ckpt_path}; try a lower --{stage}_lr")
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        if iter_num - it_start > WARMUP_STEPS:
-            steady["seconds"] += time.time() - t_step
-            steady["tokens"] += step_tokens
-            steady["data"] += step_data_time
 
-        if iter_num % cfg.log_interval == 0:
-            now = time.time()
-            tok_per_s = (tokens_seen - tokens_at_log) / (now - t_log)
-            eta = (now - t_start) / (iter_num - it_start) * (max_iters - iter_num)
-            mfu = f" | mfu {flops_per_token * tok_per_s / (peak * ddp.world):.1%}" if peak else ""
-            print(f"{stage} iter {iter_num}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                  f"tokens {tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s{mfu} | "
-                  f"data {data_time / (now - t_log):.0%} | eta {eta / 60:.1f} min", flush=True)
-            total_data_time += data_time
-            t_log, tokens_at_log, data_time = now, tokens_seen, 0.0
-    seconds = time.time() - t_start
-    stats = {"tokens_per_s": (tokens_seen - tokens_at_start) / seconds,
-             "data_wait": (total_data_time + data_time) / seconds}
-    if steady["seconds"] > 0:
-        stats["steady"] = {"tokens_per_s": steady["tokens"] / steady["seconds"],
-                           "data_wait": steady["data"] / steady["seconds"], "steps": iter_num - it_start - WARMUP_STEPS}
-    for measured in (stats, stats.get("steady")):
-        if measured:
-            measured["mfu"] = flops_per_token * measured["tokens_per_s"] / (peak * ddp.world) if peak else None
-    print(f"== {stage} done in {seconds / 60:.1f} min: best val loss {best_val_loss:.4f}, "
-          f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
-          f"checkpoint {ckpt_path}")
-    return ckpt_path, stats
+def kept_checkpoint(run):
+    if os.path.exists(run.ckpt_path):
+        return f"The last good checkpoint is kept in {run.ckpt_path}"
+    return "No checkpoint of this stage was written yet"
 
+
+def checkpoint_of(run, cfg, nca_cfg, rank_state):
+    data = run.data
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "model_args": asdict(run.model.config), "config": asdict(cfg),
+            "nca_config": asdict(nca_cfg) if data.name == "nca" else None, "stage": run.name,
+            "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
+                     "eot_token": data.eot_token},
+            "iter_num": run.iter_num, "max_iters": run.max_iters, "tokens_seen": run.tokens_seen,
+            "prior_tokens": run.prior_tokens, "best_val_loss": run.best_val_loss, "rank_state": rank_state,
+            "trainable": [n for n, p in run.model.named_parameters() if p.requires_grad]}
+
+
+def save(run, cfg, nca_cfg, ddp):
+    """Every rank hands rank 0 what it needs to resume (data order, RNG); rank 0 writes the checkpoint."""
+    rank_state = gather({"data": run.data.state_dict(), "rng": torch.get_rng_state()}, ddp)
+    if ddp.master:
+        save_checkpoint(run.ckpt_path, checkpoint_of(run, cfg, nca_cfg, rank_state))
+
+
+def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
+    """Validation loss on the fixed batches, one log record, then the checkpoint it describes. The record is written
+    first: a kill between the two leaves a record past the checkpoint, which --resume drops and makes again."""
+    val_loss = estimate_loss(run.model, run.data, run.autocast)
+    run.best_val_loss = min(run.best_val_loss, val_loss)
+    print(f"iter {run.iter_num}: val loss {val_loss:.4f} (best {run.best_val_loss:.4f})", flush=True)
+    if not math.isfinite(val_loss):
+        raise RuntimeError(f"{run.name}: validation loss is {val_loss} at iteration {run.iter_num}; stopping. "
+                           f"{kept_checkpoint(run)}")
+    if ddp.master:
+        append_log(run.log_path, {
+            "iter": run.iter_num, "tokens": run.tokens_seen, "prior_tokens": run.prior_tokens,
+            "lr": get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac, cfg.min_lr_frac),
+            "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed})
+    if run.iter_num > run.start_iter:
+        save(run, cfg, nca_cfg, ddp)
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; the loop then saves a checkpoint at
+    that iteration, so --resume loses nothing. A second signal stops at once. One process only: under torchrun the
+    ranks would not agree on the step, and the last evaluation's checkpoint is what --resume continues."""
+
+    def __init__(self, enabled):
+        self.requested, self.previous = None, {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Meter:
+    """Book-keeping of speed for the log lines and the benchmark: tokens/s, time waiting for data, MFU, ETA, and
+    the steady state (the steps after the first WARMUP_STEPS, without evaluation or saving)."""
+
+    def __init__(self, run, cfg, world):
+        self.run, self.world, self.start_iter = run, world, run.iter_num
+        self.flops_per_token, self.peak = run.model.flops_per_token(), peak_flops(cfg)
+        self.t_start = self.t_log = time.time()
+        self.tokens_start = self.tokens_log = run.tokens_seen
+        self.data_log = self.data_total = 0.0
+        self.steady = {"seconds": 0.0, "tokens": 0, "data": 0.0}
+
+    def mfu(self, tokens_per_s):
+        return self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
+
+    def step(self, seconds, tokens, data_time):
+        self.data_log += data_time
+        self.data_total += data_time
+        if self.run.iter_num - self.start_iter > WARMUP_STEPS:
+            self.steady["seconds"] += seconds
+            self.steady["tokens"] += tokens
+            self.steady["data"] += data_time
+
+    def log_line(self, loss, lr):
+        run, now = self.run, time.time()
+        tok_per_s = (run.tokens_seen - self.tokens_log) / (now - self.t_log)
+        eta = (now - self.t_start) / (run.iter_num - self.start_iter) * (run.max_iters - run.iter_num)
+        mfu = f" | mfu {self.mfu(tok_per_s):.1%}" if self.peak else ""
+        print(f"{run.name} iter {run.iter_num}/{run.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+              f"tokens {run.tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s{mfu} | "
+              f"data {self.data_log / (now - self.t_log):.0%} | eta {eta / 60:.1f} min", flush=True)
+        self.t_log, self.tokens_log, self.data_log = now, run.tokens_seen, 0.0
+
+    def summary(self):
+        seconds = time.time() - self.t_start
+        tokens_per_s = (self.run.tokens_seen - self.tokens_start) / seconds
+        stats = {"tokens_per_s": tokens_per_s, "data_wait": self.data_total / seconds, "mfu": self.mfu(tokens_per_s),
+                 "seconds": seconds}
+        s = self.steady
+        if s["seconds"] > 0:
+            stats["steady"] = {"tokens_per_s": s["tokens"] / s["seconds"], "data_wait": s["data"] / s["seconds"],
+                               "steps": self.run.iter_num - self.start_iter - WARMUP_STEPS,
+                               "mfu": self.mfu(s["tokens"] / s["seconds"])}
+        return stats
+
+
+def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
+    """Train one stage; returns its checkpoint path and what was measured (tokens/s, data wait, MFU)."""
+    stage_dir = os.path.join(cfg.out_dir, stage)
+    os.makedirs(stage_dir, exist_ok=True)
+    with stage_lock(stage_dir, ddp):
+        run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+        if run is None:
+            return os.path.join(stage_dir, "ckpt.pt"), {}
+        prepare_for_training(run, cfg, ddp)
+        micro_steps = cfg.grad_accum // ddp.world  # per rank; cfg.grad_accum is the whole job's
+        meter, stop, loss = Meter(run, cfg, ddp.world), StopSignal(enabled=ddp.world == 1), None
+        try:
+            while True:
+                if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
+                                                     (run.iter_num > run.start_iter or run.start_iter == 0)):
+                    evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
+                if run.iter_num >= run.max_iters:
+                    break
+                if stop.requested:
+                    save(run, cfg, nca_cfg, ddp)
+                    raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
+                                     f"{run.ckpt_path}; continue with the same command and --resume")
+                t_step, lr = time.time(), get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac,
+                                                  cfg.min_lr_frac)
+                loss, tokens, data_time = optimizer_step(run, cfg, micro_steps, ddp.world)
+                meter.step(time.time() - t_step, tokens, data_time)
+                if run.iter_num % cfg.log_interval == 0:
+                    meter.log_line(loss, lr)
+        finally:
+            stop.restore()
+        stats = meter.summary()
+        print(f"== {stage} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
+              f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
+              f"checkpoint {run.ckpt_path}")
+        return run.ckpt_path, stats
+
+
+# -----------------------------------------------------------------------------
+# memory: an estimate before anything is allocated
+
+def check_memory(config, cfg, ddp):
+    """Print the estimated peak GPU memory of this stage; on a GPU, refuse a run that would not fit."""
+    estimate = estimate_memory(config, cfg.batch_size, cfg.dtype, cfg.grad_accum // ddp.world)
+    print(f"memory estimate: {describe_memory(estimate)}")
+    if torch.device(cfg.device).type == "cuda":
+        total = torch.cuda.get_device_properties(cfg.device).total_memory
+        if estimate["total"] > 0.95 * total:
+            raise ValueError(f"this run needs about {estimate['total'] / 2 ** 30:.1f} GiB of GPU memory and "
+                             f"{torch.cuda.get_device_name(cfg.device)} has {total / 2 ** 30:.1f} GiB: lower "
+                             f"--batch_size and raise --grad_accum (the same batch per step), or shrink the model")
+
+
+def describe_memory(estimate):
+    unit, size = ("GiB", 2 ** 30) if estimate["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
+    parts = ", ".join(f"{k} {v / size:.2f}" for k, v in estimate.items() if k not in ("total", "per_token_layer"))
+    return f"{estimate['total'] / size:.2f} {unit} ({parts})"
+
+
+# -----------------------------------------------------------------------------
+# benchmark and main
 
 def benchmark(cfg, model_cfg, nca_cfg, ddp):
     """NCA tokens/s (raw and filtered), then stage-1 training tokens/s, data wait, MFU and peak memory."""
@@ -624,39 +946,165 @@ def benchmark(cfg, model_cfg, nca_cfg, ddp):
     with tempfile.TemporaryDirectory() as tmp:
         bench_cfg = dataclasses.replace(cfg, out_dir=tmp, eval_interval=10 ** 9, resume=False, init_from="")
         _, stats = train_stage("prepretrain", bench_cfg, model_cfg, nca_cfg, "", ddp)
-    if cfg.device.startswith("cuda"):
+    if torch.device(cfg.device).type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated(cfg.device) / 2 ** 30
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    estimate = estimate_memory(dataclasses.replace(model_cfg, vocab_size=nca_cfg.vocab_size), cfg.batch_size,
+                               cfg.dtype)["total"] / 2 ** 30
     steady = stats["steady"]
     mfu = f"{steady['mfu']:.1%}" if steady["mfu"] is not None else "n/a (no peak known for this device: --peak_tflops)"
     print(f"bench: nca_raw_tokens_per_s={speed['raw']:.0f} nca_filtered_tokens_per_s={speed['filtered']:.0f} "
           f"train_tokens_per_s={steady['tokens_per_s']:.0f} data_wait={steady['data_wait']:.1%} mfu={mfu} "
-          f"peak_memory_gib={peak_memory:.2f} device={cfg.device} world={ddp.world} "
-          f"(training numbers: the last {steady['steps']} steps, without the {WARMUP_STEPS} warm-up steps, "
-          f"evaluation and saving)")
+          f"peak_memory_gib={peak_memory:.2f} estimated_memory_gib={estimate:.2f} device={cfg.device} "
+          f"world={ddp.world} (training numbers: the last {steady['steps']} steps, without the {WARMUP_STEPS} "
+          f"warm-up steps, evaluation and saving)")
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# --check: every GPU path, small and fast, for the first run on a new machine
+
+class Checks:
+    """Runs commands of this repository in their own processes and keeps PASS / FAIL / SKIP per item."""
+
+    def __init__(self):
+        self.results = []
+
+    def record(self, name, ok, note):
+        self.results.append((name, ok, note))
+        print(f"check: {'PASS' if ok else 'FAIL' if ok is not None else 'SKIP'} {name} ({note})", flush=True)
+
+    def run(self, name, command, expect=()):
+        t0 = time.time()
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+        missing = [e for e in expect if e not in proc.stdout]
+        ok = proc.returncode == 0 and not missing
+        note = f"{time.time() - t0:.0f}s"
+        if proc.returncode:
+            note += ": " + (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:300]
+        elif missing:
+            note += f": the output lacks {missing}"
+        self.record(name, ok, note)
+        return proc
+
+
+def gpu_check(cfg, model_cfg, nca_cfg):
+    """Run what a GPU user relies on, at a small size, and print PASS/FAIL per item and the benchmark line.
+    `python train.py --check --device cpu` runs the same items on the CPU (the test suite does)."""
+    gpu = torch.device(cfg.device).type == "cuda"
+    out, py, checks = os.path.join(cfg.out_dir, "check"), sys.executable, Checks()
+    shutil.rmtree(out, ignore_errors=True)
+    # the paths matter here, not the scale: a small model, and on the CPU a tiny one with a tiny NCA
+    small = ["--device", cfg.device, "--eval_iters", "2", "--log_interval", "10", "--data_dir", cfg.data_dir] + (
+        ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128", "--batch_size", "8"] if gpu else
+        ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "48", "--batch_size", "4",
+         "--grid", "6", "--num_colors", "4", "--band", "0.0", "1.0", "--nca_chunk", "64"])
+    if not gpu or torch.cuda.is_bf16_supported(including_emulation=False):
+        small += ["--dtype", "bfloat16"]
+    stages = ["--prepretrain_iters", "20", "--pretrain_iters", "20", "--finetune_iters", "10", "--eval_interval", "10"]
+    run = os.path.join(out, "run")
+    checks.run(f"three stages ({small[-1]}, fused AdamW {gpu}, NCA prefetch)",
+               [py, "train.py", *small, *stages, "--out_dir", run], expect=["== finetune done", f"fused={gpu}"])
+    checks.run("torch.compile", [py, "train.py", *small, "--stage", "pretrain", "--pretrain_iters", "20", "--compile",
+                                 "--out_dir", os.path.join(out, "compiled")], expect=["== pretrain done"])
+    check_resume_after_kill(checks, [py, "train.py", *small, "--stage", "pretrain", "--pretrain_iters", "200",
+                                     "--eval_interval", "20"], out)
+    if (torch.cuda.device_count() if gpu else 2) >= 2:  # on a CPU: 2 gloo processes
+        checks.run("torchrun, 2 processes, --stage all",
+                   [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *small,
+                    *stages, "--grad_accum", "2", "--out_dir", os.path.join(out, "ddp")], expect=["== finetune done"])
+    else:
+        checks.record("torchrun, 2 processes", None, "needs 2 GPUs")
+    checks.run("eval.py icl", [py, "eval.py", "icl", "--ckpt", f"{run}/prepretrain/ckpt.pt", "--device", cfg.device,
+                               "--num_rules", "8", "--out", os.path.join(out, "icl.png")], expect=["cell accuracy"])
+    checks.run("eval.py passk (generation with the KV cache)",
+               [py, "eval.py", "passk", "--ckpt", f"{run}/finetune/ckpt.pt", "--device", cfg.device, "--n", "4",
+                "--k", "1", "2", "--max_problems", "4"], expect=["pass@1"])
+    checks.run("eval.py export", [py, "eval.py", "export", "--ckpt", f"{run}/pretrain/ckpt.pt", "--out_dir",
+                                  os.path.join(out, "hf")], expect=["pytorch_model.bin"])
+    bench_model = ["--device", cfg.device, "--data_dir", cfg.data_dir] if gpu else small  # the default model on a GPU
+    bench = checks.run("train.py --bench", [py, "train.py", *bench_model, "--bench", "--prepretrain_iters", "30"],
+                       expect=["bench:"])
+    print("\n".join(line for line in bench.stdout.splitlines() if line.startswith("bench:")))
+    failed = [name for name, ok, _ in checks.results if ok is False]
+    print(f"check on {torch.cuda.get_device_name(cfg.device) if gpu else 'the cpu'}: "
+          + (f"FAILED: {'; '.join(failed)}" if failed else f"all {len(checks.results)} items passed or skipped"))
+    if failed:
+        raise SystemExit(1)
+
+
+def check_resume_after_kill(checks, command, out):
+    """A run killed with SIGKILL after its first checkpoints and then resumed must log what a straight run logs:
+    bit for bit on a CPU; on a GPU within 1e-2 (some kernels, e.g. attention's backward, sum in varying order)."""
+    straight, killed = os.path.join(out, "straight"), os.path.join(out, "killed")
+    checks.run("resume: a straight run", command + ["--out_dir", straight])
+    proc = subprocess.Popen(command + ["--out_dir", killed], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log_path, deadline = os.path.join(killed, "pretrain", "log.jsonl"), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(log_path) and open(log_path).read().count("\n") >= 3:  # iterations 0, 20, 40 logged
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    checks.run("resume: kill -9 mid-run, then --resume", command + ["--out_dir", killed, "--resume"],
+               expect=["resuming"])
+    logs = [read_jsonl(os.path.join(run, "pretrain", "log.jsonl")) for run in (straight, killed)]
+    worst = max((abs(a["val_loss"] - b["val_loss"]) for a, b in zip(*logs)), default=math.inf)
+    same = [r["iter"] for r in logs[0]] == [r["iter"] for r in logs[1]]
+    limit = 0.0 if torch.device(command[command.index("--device") + 1]).type == "cpu" else 1e-2
+    checks.record("resume: the resumed log equals the straight one", same and worst <= limit,
+                  f"largest val-loss difference {worst:.1e}, allowed {limit:.0e}")
+
+
+def prepare_datasets(cfg, stages, ddp):
+    """The offline datasets are made on first use, by rank 0 alone (two ranks writing one file would corrupt it);
+    the other ranks wait for it."""
+    if ddp.master:
+        for stage in stages:
+            name = getattr(cfg, f"{stage}_data")
+            if stage == "finetune":
+                prepared(cfg, name, "pairs")
+                if cfg.pretrain_data in OFFLINE_DATA:  # a from-scratch fine-tune uses its tokenizer
+                    prepared(cfg, cfg.pretrain_data, "tokens")
+            elif not (stage == "prepretrain" and name == "nca"):
+                prepared(cfg, name, "tokens")
+    if ddp.world > 1:
+        dist.barrier()
 
 
 def main(argv=None):
     cfg, model_cfg, nca_cfg = parse_args(argv)
     ddp = setup_distributed(cfg)
+    if torch.device(cfg.device).type == "cuda":  # TF32 matmuls for the model (the NCA rules run in float64)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     print("config:", json.dumps({**asdict(cfg), **asdict(model_cfg), **asdict(nca_cfg)}))
     try:
+        if cfg.check:
+            return gpu_check(cfg, model_cfg, nca_cfg)
         if cfg.bench:
             return benchmark(cfg, model_cfg, nca_cfg, ddp)
-        stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+        stages = [s for s in (STAGES if cfg.stage == "all" else (cfg.stage,)) if getattr(cfg, f"{s}_iters") > 0]
+        prepare_datasets(cfg, stages, ddp)
         init_path = cfg.init_from
-        for stage in stages:
-            if getattr(cfg, f"{stage}_iters") == 0:
+        for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+            if stage not in stages:
                 print(f"== {stage}: 0 iterations, skipped")
                 continue
             init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
-        if ddp.world > 1:
-            dist.barrier()  # rank 0 may still be saving: tearing gloo down under it aborts the other rank
+            if ddp.world > 1:
+                dist.barrier()  # the next stage (and the exit) waits for rank 0's checkpoint
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        sys.exit(f"train.py: {e} (TRAIN_DEBUG=1 shows the traceback)")
