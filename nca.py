@@ -88,6 +88,8 @@ class NCAConfig:
                           f"try --patch {max(d for d in range(1, self.patch + 1) if self.grid % d == 0)}")
         if self.burn_in < 0:
             fail("burn_in", f"must be >= 0, got {self.burn_in}")
+        if not math.isfinite(self.identity_bias):
+            fail("identity_bias", f"must be a finite number, got {self.identity_bias}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
             fail("temperature", f"must be a finite number >= 0 (0 means argmax), got {self.temperature}")
         if not (0.0 <= self.band_lo < self.band_hi <= 1.0):

@@ -259,7 +259,6 @@ def test_command_line_stats_prints_deciles_and_acceptance(capsys):
 # =============================================================================
 # model.py
 
-import resource
 import time
 
 from model import GPT, GROUPS, KVCache, ModelConfig, estimate_memory, param_group, transfer
@@ -555,9 +554,15 @@ def test_estimate_memory_activations_match_what_autograd_saves():
 
 
 MEASURE_PEAK = """
-import json, resource, sys, torch
+import json, sys, torch
 from model import GPT, ModelConfig
 torch.set_num_threads(1)
+
+def peak_resident_bytes():
+    # VmHWM: ru_maxrss of this process's own memory (ru_maxrss also counts the parent's, inherited at fork + exec)
+    with open("/proc/self/status") as f:
+        return 1024 * next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 cfg, batch_size = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
 x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size)) for _ in range(2))
 
@@ -571,13 +576,13 @@ def train_steps(model, x, y, steps):
 
 warm_up = ModelConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8)
 train_steps(GPT(warm_up), x[:1, :4] % 8, y[:1, :4] % 8, 1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after torch's one-off costs (lazy imports, buffers)
+before = peak_resident_bytes()  # after torch's one-off costs (lazy imports, buffers)
 train_steps(GPT(cfg), x, y, 2)  # the second step runs with the AdamW state allocated, as every later one
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is in KiB on Linux
+print(peak_resident_bytes() - before)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from Linux's /proc")
 def test_estimate_memory_total_is_near_the_measured_peak():
     """A training step's peak resident memory, measured in a fresh process, against the estimate (float32).
     glibc's malloc would keep freed tensors below its (self-raising) mmap threshold in the heap, so resident memory
@@ -700,17 +705,44 @@ def test_check_prepared_names_the_command(tmp_path):
     with pytest.raises(ValueError, match="truncated.*run: python -m data.stdlib.prepare"):
         check_prepared(str(data_dir))
     (data_dir / "train.bin").write_bytes(b"\x01\x00")
-    with pytest.raises(FileNotFoundError, match="meta.pkl is missing; run: python -m data.stdlib.prepare"):
+    with pytest.raises(FileNotFoundError, match="meta.json is missing; run: python -m data.stdlib.prepare"):
         check_prepared(str(data_dir))
-    (data_dir / "meta.pkl").write_bytes(b"not a pickle")
+    (data_dir / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable.*run: python -m data.stdlib.prepare"):
         check_prepared(str(data_dir))
-    (data_dir / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 257, "tokenizer": "bytes", "eot_token": 256}))
+    (data_dir / "meta.json").write_text(json.dumps({"vocab_size": 257, "tokenizer": "bytes", "eot_token": 256}))
     assert check_prepared(str(data_dir))["vocab_size"] == 257
     # the web corpora share one script, and the default folder needs no --out_dir
     assert prepare_command(os.path.join(DATA_DIR, "openwebtext")) == "python -m data.hf.prepare --dataset openwebtext"
     with pytest.raises(FileNotFoundError, match="run: python -m data.arith.prepare --out_dir"):
         load_pairs(str(tmp_path / "arith"), "train")
+    # a folder name with no prepare script of its own: the command for a local file
+    assert "data.hf.prepare --from_file" in prepare_command(str(tmp_path / "owt"))
+
+
+class RunsCode:
+    """What a malicious meta.pkl can hold: unpickling it calls os.system."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_metadata_cannot_run_code_and_an_old_plain_meta_pkl_is_converted(tmp_path):
+    evil, plain = tmp_path / "evil", tmp_path / "plain"
+    for folder in (evil, plain):
+        folder.mkdir()
+        for split in ("train", "val"):
+            (folder / f"{split}.bin").write_bytes(b"\x01\x00\x02\x00")
+    (evil / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 257, "x": RunsCode(tmp_path / "pwned")}))
+    with pytest.raises(ValueError, match=r"meta.pkl is not plain metadata .*posix.system.*remake the folder"):
+        check_prepared(str(evil))
+    assert not (tmp_path / "pwned").exists() and not (evil / "meta.json").exists()
+    (plain / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 257, "tokenizer": "bytes", "eot_token": 256}))
+    assert check_prepared(str(plain))["eot_token"] == 256
+    assert json.loads((plain / "meta.json").read_text())["vocab_size"] == 257  # converted once, JSON from now on
 
 
 # -----------------------------------------------------------------------------
@@ -1159,6 +1191,22 @@ def test_resume_refuses_changed_model_or_schedule_flags_and_says_when_it_starts_
         assert message in capsys.readouterr().err
 
 
+def test_bad_data_stops_at_load_naming_the_file_and_line(tmp_path, tiny_data, capsys):
+    enc = get_tokenizer("bytes")
+    ids = np.arange(1000) % 256
+    save_token_dataset(os.path.join(tiny_data, "wide"), enc, np.append(ids, 300), ids)  # 300 >= vocab 257
+    with pytest.raises(ValueError, match=r"wide/train.bin holds token id 300, but its meta.json says vocab_size 257"):
+        train.main(run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_data", "wide"))
+    arith = os.path.join(tiny_data, "arith")
+    good = open(os.path.join(arith, "train.jsonl")).read()
+    for bad, message in (('{"prompt": "", "completion": "4"}\n', "record 201: prompt missing or empty"),
+                         ('{"prompt": "1+1=", "completion": \n', "line 201: not valid JSON")):
+        with open(os.path.join(arith, "train.jsonl"), "w") as f:
+            f.write(good + bad)
+        with pytest.raises(ValueError, match=f"arith/train.jsonl, {message}"):
+            train.main(run_flags(tmp_path, tiny_data, "--stage", "finetune"))
+
+
 def test_a_failed_save_leaves_no_temporary_file_and_says_when_the_disk_is_full(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
@@ -1201,12 +1249,21 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
              (["--block_size", "8"], "--block_size"), (["--reinit", "attn"], "--reinit"),
              (["--init_from", str(not_a_checkpoint)], "not a"), (["--batch_size", "0"], "--batch_size"),
              (["--band", "0.7", "0.2"], "--band"), (["--nca_chunk", "-1"], "--nca_chunk"),
-             (["--bench", "--prepretrain_iters", "3"], "--bench")]
+             (["--bench", "--prepretrain_iters", "3"], "--bench"), (["--beta1", "1.5"], "--beta1"),
+             (["--beta2", "-0.1"], "--beta2"), (["--weight_decay", "nan"], "--weight_decay"),
+             (["--grad_clip", "nan"], "--grad_clip"), (["--identity_bias", "inf"], "--identity_bias"),
+             (["--nca_num_rules", "-3"], "--nca_num_rules"), (["--device", "bogus"], "--device 'bogus'"),
+             (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda"),
+             (["--freeze", "embedding,head,attention,mlp,norm"], "nothing to train"),
+             (["--out_dir", str(not_a_checkpoint)], "is a file"),
+             (["--data_dir", str(tmp_path / "typo")], "--data_dir"), (["--eval_interval", "0"], "--eval_interval")]
     for flags, message in cases:
+        t0 = time.time()
         with pytest.raises(SystemExit):
             train.main(run_flags(tmp_path, tiny_data, *flags))
         assert message in capsys.readouterr().err, flags
-    assert not (tmp_path / "out").exists()
+        assert time.time() - t0 < 5, flags
+    assert not (tmp_path / "out").exists() and not (tmp_path / "typo").exists()
 
 
 # =============================================================================

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import nca
-from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, read_jsonl
+from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, prepare_command, read_jsonl
 from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
@@ -400,10 +400,14 @@ class TokenData(Data):
         self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, cfg.batch_size
         self.device = cfg.device
         self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
-        for split in ("train", "val"):
-            n = os.path.getsize(os.path.join(self.data_dir, f"{split}.bin")) // 2
-            if n <= block_size + 1:
-                raise ValueError(f"{self.data_dir}/{split}.bin holds {n} tokens, too few for --block_size {block_size}")
+        for split in ("train", "val"):  # checked now: a bad id would crash the first forward (on CUDA: an assert)
+            path = os.path.join(self.data_dir, f"{split}.bin")
+            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            if len(tokens) <= block_size + 1:
+                raise ValueError(f"{path} holds {len(tokens)} tokens, too few for --block_size {block_size}")
+            if int(tokens.max()) >= self.vocab_size:
+                raise ValueError(f"{path} holds token id {int(tokens.max())}, but its meta.json says vocab_size "
+                                 f"{self.vocab_size}; remake the folder: {prepare_command(self.data_dir, name)}")
         fixed = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
         self.val = [self.batch("val", fixed) for _ in range(cfg.eval_iters)]
 

@@ -3,14 +3,17 @@ Pieces shared by every data/<name>/prepare.py: tokenizers, writing and checking 
 
 Token datasets (stages 1 and 2) follow nanoGPT:
     data/<name>/train.bin, val.bin   uint16 token ids, documents separated by the end-of-text token
-    data/<name>/meta.pkl             {vocab_size, tokenizer, eot_token, ...}
+    data/<name>/meta.json            {vocab_size, tokenizer, eot_token, ...}
 Fine-tuning datasets (stage 3) are text, tokenised later with the model's own tokenizer:
     data/<name>/{train,val,test}.jsonl   one {"prompt", "completion", "answer"} per line
-    data/<name>/meta.pkl                 {task, stop, ...}
+    data/<name>/meta.json                {task, stop, ...}
+Metadata is JSON, so a downloaded data folder cannot run code (nanoGPT's meta.pkl could: unpickling calls
+whatever the file names). An old meta.pkl is converted on first use by a reader that builds plain values only.
 
 Scripts are run as modules from the repository root, e.g. `python -m data.stdlib.prepare`.
 """
 
+import io
 import json
 import os
 import pickle
@@ -24,6 +27,13 @@ DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZERS = ("bytes", "gpt2")
 EOT_TEXT = "<|endoftext|>"
 UINT16_LIMIT = 2**16  # uint16 holds ids 0 .. 65535
+# the paper's web corpora, prepared by data/hf/prepare.py: name -> (Hugging Face id, config, text field)
+HF_CORPORA = {
+    "openwebtext": ("Skylion007/openwebtext", None, "text"),
+    "openwebmath": ("open-web-math/open-web-math", None, "text"),
+    "codeparrot": ("codeparrot/codeparrot-clean", None, "content"),
+    "c4": ("allenai/c4", "en", "text"),
+}
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -137,8 +147,8 @@ def write_split(path, ids):
 
 
 def write_meta(out_dir, **fields):
-    """Write fields as a plain dict to out_dir/meta.pkl. Token datasets go through save_token_dataset."""
-    _atomic_write(os.path.join(out_dir, "meta.pkl"), lambda f: pickle.dump(fields, f))
+    """Write fields as a JSON object to out_dir/meta.json. Token datasets go through save_token_dataset."""
+    _atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(fields, f, indent=1), mode="w")
 
 
 def save_token_dataset(out_dir, enc, train_ids, val_ids, **fields):
@@ -149,7 +159,7 @@ def save_token_dataset(out_dir, enc, train_ids, val_ids, **fields):
         write_split(path, ids)
         print(f"wrote {path}: {len(ids):,} tokens ({os.path.getsize(path) / 1e6:.1f} MB)")
     write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer=enc.name, eot_token=enc.eot_token, **fields)
-    print(f"wrote {os.path.join(out_dir, 'meta.pkl')}: vocab_size {enc.n_vocab}, tokenizer {enc.name}")
+    print(f"wrote {os.path.join(out_dir, 'meta.json')}: vocab_size {enc.n_vocab}, tokenizer {enc.name}")
 
 
 def save_pairs_dataset(out_dir, splits, task, stop, **fields):
@@ -162,12 +172,21 @@ def save_pairs_dataset(out_dir, splits, task, stop, **fields):
         print(f"wrote {path}: {len(records):,} records")
     counts = {f"num_{split}": len(records) for split, records in splits.items()}
     write_meta(out_dir, task=task, stop=stop, **counts, **fields)
-    print(f"wrote {os.path.join(out_dir, 'meta.pkl')}: task {task}, stop {stop!r}")
+    print(f"wrote {os.path.join(out_dir, 'meta.json')}: task {task}, stop {stop!r}")
 
 
 def read_jsonl(path):
+    """The JSON objects of a .jsonl file, one per non-blank line; a bad line is named by file and line number."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+    return records
 
 
 # -----------------------------------------------------------------------------
@@ -176,24 +195,50 @@ def read_jsonl(path):
 
 def prepare_command(data_dir, name=None):
     """The command that (re)creates data_dir, e.g. 'python -m data.stdlib.prepare'. name defaults to the folder's."""
-    from data.hf.prepare import CORPORA  # the web corpora share one script
-
     name = name or os.path.basename(os.path.normpath(data_dir))
-    command = f"python -m data.hf.prepare --dataset {name}" if name in CORPORA else f"python -m data.{name}.prepare"
+    if name in HF_CORPORA:  # the web corpora share one script
+        command = f"python -m data.hf.prepare --dataset {name}"
+    elif os.path.exists(os.path.join(DATA_DIR, name, "prepare.py")):
+        command = f"python -m data.{name}.prepare"
+    else:  # a corpus of your own: from a local file
+        return f"python -m data.hf.prepare --from_file YOUR_FILE.jsonl --out_dir {data_dir}"
     if os.path.abspath(data_dir) != os.path.join(DATA_DIR, name):
         command += f" --out_dir {data_dir}"
     return command
 
 
+class PlainValues(pickle.Unpickler):
+    """Reads a pickle that holds only plain values (dict, list, str, numbers ...). Anything else (a class, a
+    function: how a pickle runs code) is refused, so an old meta.pkl can be read without trusting it."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and metadata may hold plain values only")
+
+
 def load_meta(data_dir, name=None):
-    path = os.path.join(data_dir, "meta.pkl")
+    """data_dir/meta.json as a dict. A folder with only nanoGPT's meta.pkl gets a meta.json made from it first."""
+    path, old = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(path) and os.path.exists(old):
+        try:
+            with open(old, "rb") as f:
+                meta = PlainValues(io.BytesIO(f.read())).load()
+            if not isinstance(meta, dict):
+                raise pickle.UnpicklingError(f"it holds a {type(meta).__name__}, not a dict")
+            write_meta(data_dir, **meta)
+            print(f"converted {old} to {path} (plain values only)")
+        except Exception as e:
+            raise ValueError(f"{old} is not plain metadata ({e}); remake the folder: "
+                             f"{prepare_command(data_dir, name)}") from e
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path} is unreadable ({e}); run: {prepare_command(data_dir, name)}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds no JSON object; run: {prepare_command(data_dir, name)}")
+    return meta
 
 
 def check_prepared(data_dir, name=None):
@@ -208,16 +253,26 @@ def check_prepared(data_dir, name=None):
     meta = load_meta(data_dir, name)
     missing = {"vocab_size", "tokenizer", "eot_token"} - meta.keys()
     if missing:
-        raise ValueError(f"{data_dir}/meta.pkl lacks {sorted(missing)}; run: {prepare_command(data_dir, name)}")
+        raise ValueError(f"{data_dir}/meta.json lacks {sorted(missing)}; run: {prepare_command(data_dir, name)}")
     return meta
 
 
 def load_pairs(data_dir, split, name=None):
-    """The fine-tuning records of one split ("train", "val" or "test") as a list of dicts."""
+    """The fine-tuning records of one split ("train", "val" or "test") as a list of dicts, each with a non-empty
+    prompt and completion (checked here, so a bad record stops the run at load, not when it is sampled)."""
     path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"{path} holds no records; run: {prepare_command(data_dir, name)}")
+    for number, record in enumerate(records, start=1):
+        bad = [k for k in ("prompt", "completion") if not (isinstance(record, dict) and
+                                                           isinstance(record.get(k), str) and record[k])]
+        if bad:
+            raise ValueError(f"{path}, record {number}: {' and '.join(bad)} missing or empty; every record needs "
+                             f'a non-empty "prompt" and "completion"')
+    return records
 
 
 def extract_answer(completion, stop):

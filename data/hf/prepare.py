@@ -14,15 +14,8 @@ import argparse
 import itertools
 import os
 
-from data.common import DATA_DIR, EOT_TEXT, TOKENIZERS, get_tokenizer, read_jsonl, save_token_dataset, tokenize_documents
-
-# name -> (Hugging Face id, config, text field)
-CORPORA = {
-    "openwebtext": ("Skylion007/openwebtext", None, "text"),
-    "openwebmath": ("open-web-math/open-web-math", None, "text"),
-    "codeparrot": ("codeparrot/codeparrot-clean", None, "content"),
-    "c4": ("allenai/c4", "en", "text"),
-}
+from data.common import (DATA_DIR, EOT_TEXT, HF_CORPORA as CORPORA, TOKENIZERS, get_tokenizer, read_jsonl,
+                         save_token_dataset, tokenize_documents)
 
 
 def stream_documents(dataset):

@@ -5,7 +5,7 @@ The default stage-2 corpus, offline: the Python standard library's own .py sourc
     python -m data.stdlib.prepare --max_bytes 1000000    # a 1 MB slice
     python -m data.stdlib.prepare --tokenizer gpt2       # GPT-2 BPE instead (downloads the tokenizer once)
 
-Writes data/stdlib/train.bin, val.bin (uint16 ids, files separated by <|endoftext|>) and meta.pkl.
+Writes data/stdlib/train.bin, val.bin (uint16 ids, files separated by <|endoftext|>) and meta.json.
 Files are taken in sorted path order until --max_bytes; whole files go to train or val.
 """
 
