@@ -26,20 +26,16 @@ import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import arg  # a dataclass field with its --help text
+
 # -----------------------------------------------------------------------------
 # 1. Configuration
-
-def arg(default, help=""):
-    """A config field with its --help text; the dataclass is the one place for both."""
-    return field(default=default, metadata={"help": help})
-
-
 
 @dataclass
 class NCAConfig:
@@ -580,7 +576,8 @@ def bench(cfg, device, seconds=10.0, chunk=0):
 
 
 def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
-    """A picture a newcomer looks at first: what low, middle and high gzip ratios look like."""
+    """The picture to look at first: one rule from each gzip band and i.i.d. noise, each as its frames and, below
+    them, the cells that changed since the frame before; then the histogram of the ratios, with the band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -592,31 +589,41 @@ def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
     dt = time.perf_counter() - t0
     print(f"simulated and scored {num_rules} rules x {cfg.burn_in + cfg.score_frames} steps in {dt:.2f}s "
           f"({num_rules * cfg.score_frames * cfg.frame_len / dt:,.0f} raw tokens/s)")
-    bands = [("low", 0.0, 0.3), ("middle", 0.3, 0.5), ("high (paper's band)", 0.5, 1.0)]
-    fig, axes = plt.subplots(len(bands) * 2 + 1, frames_shown, figsize=(1.6 * frames_shown, 2.0 * (len(bands) * 2 + 1)))
-    row = 0
-    for name, lo, hi in bands:
-        picks = np.flatnonzero((ratios > lo) & (ratios < hi))[:2]
-        for k in range(2):
-            for j in range(frames_shown):
-                ax = axes[row, j]
-                ax.axis("off")
-                if k < len(picks):
-                    ax.imshow(frames[picks[k], j].cpu(), cmap="tab10", vmin=0, vmax=max(cfg.num_colors - 1, 9))
-                    if j == 0:
-                        ax.set_title(f"{name}: gzip {ratios[picks[k]]:.2f}", fontsize=8, loc="left")
-            row += 1
-    for ax in axes[row]:
+    noise = torch.randint(cfg.num_colors, (1, cfg.score_frames, cfg.grid, cfg.grid), device=device,
+                          generator=torch.Generator(device).manual_seed(0))
+    examples = []  # (title, frames): the rule of median ratio in each band, then noise
+    for name, lo, hi in [("low", 0.0, 0.3), ("middle", 0.3, 0.5), ("high", 0.5, 1.0)]:
+        members = np.flatnonzero((ratios > lo) & (ratios < hi))
+        if len(members):
+            pick = members[np.argsort(ratios[members])[len(members) // 2]]
+            examples.append((f"{name} band ({lo}, {hi}), gzip {ratios[pick]:.2f}", frames[pick].cpu()))
+    examples.append((f"i.i.d. noise, gzip {gzip_ratio(patch_ids(noise, cfg).cpu())[0]:.2f}", noise[0].cpu()))
+    rows = 2 * len(examples)
+    fig, axes = plt.subplots(rows + 1, frames_shown, figsize=(1.5 * frames_shown, 1.6 * (rows + 1.5)))
+    for e, (title, rollout) in enumerate(examples):
+        changed = (rollout[1:] != rollout[:-1]).float().mean().item()
+        for j in range(frames_shown):
+            top, bottom = axes[2 * e, j], axes[2 * e + 1, j]
+            top.imshow(rollout[j], cmap="tab10", vmin=0, vmax=max(cfg.num_colors - 1, 9))
+            if j > 0:
+                bottom.imshow(rollout[j] != rollout[j - 1], cmap="gray_r", vmin=0, vmax=1)
+            top.axis("off")
+            bottom.axis("off")
+        axes[2 * e, 0].set_title(title, fontsize=8, loc="left")
+        axes[2 * e + 1, 1].set_title(f"changed cells (black): {changed:.0%} per step", fontsize=8, loc="left")
+    for ax in axes[rows]:
         ax.remove()
-    hist = fig.add_subplot(len(bands) * 2 + 1, 1, len(bands) * 2 + 1)
+    hist = fig.add_subplot(rows + 1, 1, rows + 1)
     hist.hist(ratios, bins=50, color="gray")
     for edge in (cfg.band_lo, cfg.band_hi):
         hist.axvline(edge, color="red", linestyle="--")
-    accepted = in_band(ratios, cfg).mean()
-    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {accepted:.0%} accepted)")
+    hist.axvline(float(examples[-1][0].split()[-1]), color="black", linestyle=":")
+    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {in_band(ratios, cfg).mean():.0%} "
+                    f"accepted; dotted: noise)", fontsize=8)
     fig.suptitle(f"NCA rollouts, {cfg.grid}x{cfg.grid}, {cfg.num_colors} colours; frames left to right, dT={cfg.dT}")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     print(f"wrote {out}")
 
 

@@ -163,6 +163,15 @@ def split_groups(flag, value):
 
 def validate(cfg, model_cfg, nca_cfg):
     """Every check that can be made before any work, with a message naming the flag and the fix."""
+    validate_flags(cfg)
+    model_cfg.validate()
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    validate_checkpoints(cfg, model_cfg, nca_cfg, stages)
+    for stage in stages:
+        validate_data(stage, cfg, model_cfg, nca_cfg)
+
+
+def validate_flags(cfg):
     if cfg.stage not in STAGES + ("all",):
         raise ValueError(f"--stage {cfg.stage!r}: choose one of {', '.join(STAGES)} or all")
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -173,6 +182,9 @@ def validate(cfg, model_cfg, nca_cfg):
                          f"{cfg.prepretrain_iters} leaves none, use e.g. --prepretrain_iters 50")
     if cfg.nca_chunk < 0:
         raise ValueError(f"--nca_chunk must be >= 0 (0 picks by device), got {cfg.nca_chunk}")
+    if cfg.nca_num_rules < 0 or cfg.nca_num_rules > 10 ** 8:
+        raise ValueError(f"--nca_num_rules {cfg.nca_num_rules}: use 0 (a fresh rule per sequence) or a pool of 1 to "
+                         f"10^8 rules (the paper: 16000)")
     for stage in STAGES:
         if getattr(cfg, f"{stage}_iters") < 0:
             raise ValueError(f"--{stage}_iters must be >= 0, got {getattr(cfg, f'{stage}_iters')}")
@@ -186,51 +198,51 @@ def validate(cfg, model_cfg, nca_cfg):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
     validate_device(cfg.device)
     validate_optimizer(cfg)
-    if cfg.nca_num_rules < 0 or cfg.nca_num_rules > 10 ** 8:
-        raise ValueError(f"--nca_num_rules {cfg.nca_num_rules}: use 0 (a fresh rule per sequence) or a pool of 1 to "
-                         f"10^8 rules (the paper: 16000)")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(f"--out_dir {cfg.out_dir} is a file; give a folder (it will hold <stage>/ckpt.pt)")
-    if not os.path.isdir(cfg.data_dir):
-        raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
-    if cfg.init_from:
-        load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
-    if cfg.init_from and cfg.resume:
-        raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
     if cfg.reinit != "auto":
         split_groups("reinit", cfg.reinit)
     if set(split_groups("freeze", cfg.freeze)) >= set(GROUPS):
         raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
-    model_cfg.validate()
-    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+
+
+def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
+    """out_dir, --init_from and --resume (read lazily with mmap: a big checkpoint costs nothing here)."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir {cfg.out_dir} is a file; give a folder (it will hold <stage>/ckpt.pt)")
+    if cfg.init_from and cfg.resume:
+        raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
+    if cfg.init_from:
+        load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
     if cfg.resume:  # the flags that shape the model, the schedule and the data must be the checkpoint's
         for stage in stages:
             path = os.path.join(cfg.out_dir, stage, "ckpt.pt")
             if os.path.exists(path):
                 check_resume(load_checkpoint(path, "--resume: ", mmap=True), stage, cfg, model_cfg, nca_cfg, path)
-    names = {"prepretrain": cfg.prepretrain_data, "pretrain": cfg.pretrain_data, "finetune": cfg.finetune_data}
-    for stage in stages:
-        name = names[stage]
-        if stage == "prepretrain" and name == "nca":
-            if model_cfg.block_size < nca_cfg.frame_len:
-                raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
-                                 f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
-            continue
-        if name in OFFLINE_DATA:
-            continue  # prepared on first use
-        if not os.path.isdir(os.path.join(cfg.data_dir, name)):
-            known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
-                           - {"hf", "__pycache__"} | set(OFFLINE_DATA))
-            raise ValueError(f"--{stage}_data {name!r}: there is no {os.path.join(cfg.data_dir, name)}; datasets "
-                             f"there or made offline: {', '.join(known)} "
-                             f"(the web corpora: python -m data.hf.prepare --dataset NAME)")
-        data_dir = os.path.join(cfg.data_dir, name)  # missing or broken files: say so now, not hours later
-        if stage == "finetune":
-            load_meta(data_dir, name)
-            for split in ("train", "val"):
-                load_pairs(data_dir, split, name)
-        else:
-            check_prepared(data_dir, name)
+
+
+def validate_data(stage, cfg, model_cfg, nca_cfg):
+    """The stage's dataset exists and looks whole (the offline ones are made on first use)."""
+    if not os.path.isdir(cfg.data_dir):
+        raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
+    name = getattr(cfg, f"{stage}_data")
+    if stage == "prepretrain" and name == "nca":
+        if model_cfg.block_size < nca_cfg.frame_len:
+            raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
+                             f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
+        return
+    if name in OFFLINE_DATA:
+        return
+    data_dir = os.path.join(cfg.data_dir, name)
+    if not os.path.isdir(data_dir):
+        known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
+                       - {"hf", "__pycache__"} | set(OFFLINE_DATA))
+        raise ValueError(f"--{stage}_data {name!r}: there is no {data_dir}; datasets there or made offline: "
+                         f"{', '.join(known)} (the web corpora: python -m data.hf.prepare --dataset NAME)")
+    if stage == "finetune":  # missing or broken files: say so now, not hours later
+        load_meta(data_dir, name)
+        for split in ("train", "val"):
+            load_pairs(data_dir, split, name)
+    else:
+        check_prepared(data_dir, name)
 
 
 def validate_device(device):
