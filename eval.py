@@ -1,8 +1,10 @@
 """
-Evaluate what train.py made: perplexity, NCA in-context accuracy, run comparisons, pass@k, export to Hugging Face.
+Evaluate what train.py made: perplexity, NCA in-context accuracy, an in-context learning probe, run comparisons,
+pass@k, export to Hugging Face.
 
   python eval.py perplexity --ckpt out/nca/pretrain/ckpt.pt                 # loss and ppl on the whole val split
   python eval.py icl --ckpt out/nca/prepretrain/ckpt.pt                     # accuracy on held-out rules vs context
+  python eval.py probe --ckpt out/nca/prepretrain/ckpt.pt                   # in-context + induction scores, loss plot
   python eval.py compare --runs out/scratch out/nca out/dyck --out compare.png
   python eval.py compare --runs 'out/study/*' --baseline scratch            # <arm>_seed<k> runs -> mean +- std
   python eval.py passk --ckpt out/nca/finetune/ckpt.pt --n 16 --k 1 2 4 8   # unbiased pass@k and greedy accuracy
@@ -12,15 +14,19 @@ Every subcommand has --help. Checkpoints are rebuilt from their own model_args, 
 """
 import argparse
 import glob
+import itertools
 import json
 import math
 import os
 import re
 import sys
 import time
+import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import nca
 from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
@@ -222,6 +228,230 @@ def run_icl(args):
               f"{results['copy_accuracy'][i]:.3f} |")
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "icl.png")
     plot_icl(results, out, f"{args.ckpt}: {args.num_rules} held-out NCA rules")
+    return results
+
+# -----------------------------------------------------------------------------
+# in-context learning probe: loss by position, in-context score, induction (copy) score
+# Cheap enough for train.py to log at every evaluation: probe() runs one validation batch and 8 repeated random
+# sequences, about two forward passes.
+
+EARLY_WINDOW = (0.05, 0.15)  # fractions of the scored span; see in_context_score
+LATE_WINDOW = (0.85, 1.0)
+
+
+def per_token_loss(logits, targets):
+    """(B, T, V) logits, (B, T) targets -> (B, T) losses in float32 (0 where the target is -1)."""
+    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    return flat.view_as(targets)
+
+
+@torch.no_grad()
+def loss_by_position(model, batches):
+    """Mean loss (nats) at each position over (x, y) batches, targets of -1 ignored. -> float64 array as long as the
+    longest batch, NaN where no row has a target. The model runs as called: under the caller's autocast, if any."""
+    sums, counts = np.zeros(0), np.zeros(0)
+    for x, y in batches:
+        logits, _ = model(x, y)  # with targets the model returns every position's logits
+        T = y.shape[1]
+        if T > len(sums):  # batches of pairs are padded to their own longest pair
+            sums, counts = np.pad(sums, (0, T - len(sums))), np.pad(counts, (0, T - len(counts)))
+        sums[:T] += per_token_loss(logits, y).double().sum(dim=0).cpu().numpy()
+        counts[:T] += (y != -1).sum(dim=0).cpu().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sums / counts  # 0 / 0 -> NaN
+
+
+def window(n, fractions):
+    """The units [lo, hi) that fractions (a, b) of n units cover: at least one, and lo < n."""
+    lo = min(int(fractions[0] * n), n - 1)
+    return lo, max(lo + 1, int(fractions[1] * n))
+
+
+def loss_by_frame(losses, frame_len):
+    """Mean loss of each frame of an NCA sequence: the target at position t is token t + 1, which lies in frame
+    (t + 1) // frame_len. NaN for a frame that is not whole in the block or has an unscored position (frame 0 always:
+    its first token is never a target, and the stream masks the rest)."""
+    frame = (np.arange(len(losses)) + 1) // frame_len
+    by_frame = np.full(frame[-1] + 1, np.nan)
+    for f in range(len(by_frame)):
+        part = losses[frame == f]
+        if len(part) == frame_len and not np.isnan(part).any():
+            by_frame[f] = part.mean()
+    return by_frame
+
+
+def in_context_score(losses, first_scored=None, frame_len=None, early=EARLY_WINDOW, late=LATE_WINDOW):
+    """Loss late in the block minus loss early in it; below 0, the model predicts better with more context.
+
+    Olsson et al. 2022 ("In-context learning and induction heads", arXiv:2209.11895) take the loss of the 500th
+    token of the context minus that of the 50th. Our blocks are short, so the windows are fractions of the scored
+    span (from first_scored, default the first position with a target, to the last scored position): early [5%, 15%),
+    late [85%, 100%). In a block of 1024 the early window is positions ~50-150, around Olsson's 50th token: past the
+    first few tokens, whose loss is high for want of any context at all. With frame_len (NCA), the units are the whole
+    scored frames (loss_by_frame) instead of positions, so both windows weigh every place in a frame (START, patches,
+    END) alike and a context-blind model scores 0; the masked first frame is never in a window.
+    -> {icl_score, loss_early, loss_late, early, late: [start, stop) positions, loss_by_frame: array or None}"""
+    scored = ~np.isnan(losses)
+    if not scored.any():
+        raise ValueError("no position has a target (all targets are -1)")
+    first = int(np.argmax(scored)) if first_scored is None else first_scored
+    stop = len(losses) - int(np.argmax(scored[::-1]))  # one past the last scored position
+    by_frame = None
+    if frame_len:
+        by_frame = loss_by_frame(losses, frame_len)
+        frames = [f for f in np.flatnonzero(~np.isnan(by_frame)) if f * frame_len - 1 >= first]
+        if not frames:
+            raise ValueError(f"no whole scored frame of {frame_len} tokens in a block of {len(losses)}")
+        units, starts = by_frame[frames], [int(f) * frame_len - 1 for f in frames]
+        ends = [s + frame_len for s in starts]
+    else:
+        units, starts = losses[first:stop], list(range(first, stop))
+        ends = [s + 1 for s in starts]
+    (e0, e1), (l0, l1) = window(len(units), early), window(len(units), late)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window of unscored positions only: NaN
+        loss_early, loss_late = np.nanmean(units[e0:e1]), np.nanmean(units[l0:l1])
+    return {"icl_score": float(loss_late - loss_early), "loss_early": float(loss_early),
+            "loss_late": float(loss_late), "early": (starts[e0], ends[e1 - 1]), "late": (starts[l0], ends[l1 - 1]),
+            "loss_by_frame": by_frame}
+
+
+def repeated_random_tokens(vocab_size, length, num_sequences, seed, exclude=()):
+    """(num_sequences, 2 * length) ids on the CPU: `length` ids drawn uniformly from the vocabulary less `exclude`
+    (special ids such as NCA's START and END or text's end-of-text), then the same ids again."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[[i for i in exclude if i is not None]] = False
+    ids = allowed.nonzero().squeeze(1)
+    if len(ids) == 0:
+        raise ValueError(f"exclude={exclude} leaves no token of a vocabulary of {vocab_size}")
+    generator = torch.Generator().manual_seed(seed)
+    half = ids[torch.randint(len(ids), (num_sequences, length), generator=generator)]
+    return torch.cat([half, half], dim=1)
+
+
+@torch.no_grad()
+def induction_score(model, vocab_size, block_size, device, num_sequences=8, seed=0, exclude=()):
+    """Loss on repeated random tokens (Olsson et al. 2022, arXiv:2209.11895, section on induction heads): sequences of
+    L = block_size // 2 random ids, twice. The first copy is unpredictable (~ln V for a model that knows nothing of
+    them); in the second, each token can be copied from L positions back. Scored: the targets 1..L-1 of the first copy
+    and L+1..2L-1 of the second (token L, the second copy's first, cannot be inferred). Those are the same (input,
+    target) pairs, so a context-blind model scores exactly 0 and a perfect copier about -ln V.
+    -> {loss_first_copy, loss_second_copy, induction_score: second - first, copy_accuracy: argmax on the second copy}"""
+    L = block_size // 2
+    if L < 2:
+        raise ValueError(f"block_size {block_size} is too short for two copies of at least 2 tokens")
+    tokens = repeated_random_tokens(vocab_size, L, num_sequences, seed, exclude).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1
+    logits, _ = model(x, y)
+    losses = per_token_loss(logits, y)
+    first, second = losses[:, :L - 1].mean().item(), losses[:, L:].mean().item()
+    accuracy = (logits[:, L:].argmax(dim=-1) == y[:, L:]).float().mean().item()
+    return {"loss_first_copy": first, "loss_second_copy": second, "induction_score": second - first,
+            "copy_accuracy": accuracy}
+
+
+def probe_summary(icl, induction):
+    """The plain floats train.py logs: in_context_score's and induction_score's numbers."""
+    keys = ("icl_score", "loss_early", "loss_late")
+    return {**{k: float(icl[k]) for k in keys}, **{k: float(v) for k, v in induction.items()}}
+
+
+@torch.no_grad()
+def probe(model, val_batches, vocab_size, block_size, device, autocast=None, frame_len=None, first_scored=None,
+          exclude=(), num_batches=1, num_sequences=8, seed=0):
+    """In-context score of the first num_batches validation batches, and induction score of num_sequences repeated
+    random sequences (a fixed seed: the same sequences at every evaluation, so values are comparable). About two
+    forward passes. The model runs in eval mode and is put back in the mode it was in. Prints nothing.
+    -> {icl_score, loss_early, loss_late, loss_first_copy, loss_second_copy, induction_score, copy_accuracy}"""
+    training = model.training
+    model.eval()
+    try:
+        with autocast or nullcontext():
+            losses = loss_by_position(model, itertools.islice(val_batches, num_batches))
+            induction = induction_score(model, vocab_size, block_size, device, num_sequences, seed, exclude)
+    finally:
+        model.train(training)
+    return probe_summary(in_context_score(losses, first_scored, frame_len), induction)
+
+
+def probe_batches(model, ckpt, args):
+    """The checkpoint's kind of validation batches, rebuilt: held-out NCA rules (the training run's seed by default:
+    the first rules train.py validated on) or random windows of a token split (train.py's validation seed, 1234, by
+    default). -> (batches, frame_len or None, special ids to leave out of the induction sequences)"""
+    block, count = model.config.block_size, args.batch_size * args.num_batches
+    if ckpt.get("nca_config") is not None:
+        cfg = nca.NCAConfig(**ckpt["nca_config"])
+        seed = (ckpt.get("config") or {}).get("seed", 0) if args.seed is None else args.seed
+        stream = HeldOutStream(cfg, args.batch_size, block, seed=seed, device=args.device)
+        return [stream.next_batch() for _ in range(args.num_batches)], cfg.frame_len, (cfg.start_token,
+                                                                                        cfg.end_token)
+    trained_on = (ckpt.get("config") or {}).get("pretrain_data") if ckpt["stage"] == "finetune" else \
+        ckpt["data"]["name"]  # a fine-tuned model's own data are pairs; its pretraining text is tokens
+    name = args.dataset or trained_on
+    if not (name or args.data_dir):
+        raise ValueError(f"{args.ckpt} was fine-tuned on prompt/completion pairs; name a token dataset with --dataset")
+    data_dir = args.data_dir or os.path.join(DATA_DIR, name)
+    check_text_data(ckpt, check_prepared(data_dir, name), data_dir, args.ckpt)
+    tokens = np.memmap(os.path.join(data_dir, f"{args.split}.bin"), dtype=np.uint16, mode="r")
+    if len(tokens) <= block + 1:
+        raise ValueError(f"{data_dir}/{args.split}.bin holds {len(tokens)} tokens, too few for a block of {block}")
+    generator = torch.Generator().manual_seed(1234 if args.seed is None else args.seed)
+    starts = torch.randint(len(tokens) - block - 1, (count,), generator=generator).tolist()
+    rows = torch.from_numpy(np.stack([tokens[s:s + block + 1] for s in starts]).astype(np.int64)).to(args.device)
+    batches = [(r[:, :-1], r[:, 1:]) for r in rows.split(args.batch_size)]
+    return batches, None, (ckpt["data"].get("eot_token"),)
+
+
+def loss_profile(losses, by_frame, buckets=8):
+    """One line: the loss of each scored frame (NCA), or of `buckets` equal runs of positions (text)."""
+    if by_frame is not None:
+        return "loss by frame: " + " ".join(f"{f}:{v:.3f}" for f, v in enumerate(by_frame) if not np.isnan(v))
+    edges = np.linspace(0, len(losses), buckets + 1).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bucket without targets: nan
+        parts = [f"{a}-{b - 1}:{np.nanmean(losses[a:b]):.3f}" for a, b in zip(edges[:-1], edges[1:])]
+    return "loss by position: " + " ".join(parts)
+
+
+def plot_probe(losses, icl, out, title, frame_len=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(len(losses)), losses, lw=0.8, color="gray", label="loss at position")
+    if frame_len:
+        by_frame = icl["loss_by_frame"]
+        centres = np.arange(len(by_frame)) * frame_len - 1 + frame_len / 2
+        ax.plot(centres, by_frame, "o-", color="C0", label="mean loss of the frame")
+    for (start, stop), name, color in ((icl["early"], "early", "C2"), (icl["late"], "late", "C3")):
+        ax.axvspan(start, stop, color=color, alpha=0.15, label=f"{name} window [{start}, {stop})")
+    ax.set_xlabel("position in the block (predicting the next token)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title(f"{title}\nin-context score {icl['icl_score']:+.3f} (late - early)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def run_probe(args):
+    model, ckpt = load_model(args.ckpt, args.device)
+    if args.batch_size < 1 or args.num_batches < 1:
+        raise ValueError(f"--batch_size and --num_batches must be >= 1, got {args.batch_size}, {args.num_batches}")
+    batches, frame_len, exclude = probe_batches(model, ckpt, args)
+    losses = loss_by_position(model, batches)
+    icl = in_context_score(losses, frame_len=frame_len)
+    induction = induction_score(model, model.config.vocab_size, model.config.block_size, args.device,
+                                args.num_sequences, exclude=exclude)
+    results = probe_summary(icl, induction)
+    print(f"{args.ckpt}: {len(batches) * args.batch_size} validation sequences of {len(losses)} positions, "
+          f"early window {icl['early']}, late window {icl['late']}, {args.num_sequences} induction sequences")
+    print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    print(loss_profile(losses, icl["loss_by_frame"]))
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "probe.png")
+    plot_probe(losses, icl, out, f"{args.ckpt}: loss by position", frame_len)
     return results
 
 # -----------------------------------------------------------------------------
@@ -592,6 +822,19 @@ def build_parser():
                                                           "the model's block holds)")
     sub.add_argument("--seed", type=int, default=12345, help="seed of the held-out rules and initial grids")
     sub.add_argument("--out", help="plot of accuracy vs k (default: icl.png next to the checkpoint)")
+
+    sub = command("probe", run_probe, "in-context score (loss late minus early in the block), induction score on "
+                                      "repeated random tokens, and a plot of loss by position")
+    sub.add_argument("--dataset", help="data/<name> of a text checkpoint's windows (default: its training data; "
+                                       "a fine-tuned one's pretraining data)")
+    sub.add_argument("--data_dir", help="a prepared token dataset folder anywhere (overrides --dataset)")
+    sub.add_argument("--split", default="val", choices=("train", "val"))
+    sub.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    sub.add_argument("--num_batches", type=int, default=4, help="validation batches averaged")
+    sub.add_argument("--num_sequences", type=int, default=8, help="repeated random sequences of the induction score")
+    sub.add_argument("--seed", type=int, help="seed of the held-out NCA rules (default: the training run's) or of "
+                                              "the text windows (default: 1234, train.py's)")
+    sub.add_argument("--out", help="plot of loss by position (default: probe.png next to the checkpoint)")
 
     sub = command("compare", run_compare, "validation curves of several runs, final loss and convergence speed-up")
     sub.add_argument("--runs", nargs="+", required=True, help="run folders (train.py --out_dir) or glob patterns")

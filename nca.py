@@ -300,6 +300,23 @@ def decode(tokens, cfg):
     return tiles.reshape(R, -1, cfg.grid, cfg.grid)
 
 
+SHUFFLE = 9  # the stream of random numbers that permutes a row in shuffle_patches
+
+
+def shuffle_patches(tokens, cfg):
+    """The shuffled-NCA control: each row's patch tokens permuted among the row's own patch positions, START and
+    END left in place. The same tokens and frame layout, so the same token statistics, but no dynamics to infer.
+    The permutation is a pure function of the row (a hash of its tokens). tokens (R, T) -> (R, T)"""
+    position = torch.arange(tokens.shape[1], device=tokens.device)
+    row_key = hash32((tokens * (position + 1)).sum(dim=1))                        # (R,)
+    patch = tokens < cfg.start_token        # every row starts with a frame, so the same positions in every row
+    keys = random_bits(row_key[:, None], SHUFFLE, position).masked_fill(~patch, 2 ** 40)  # delimiters sort last
+    order = keys.argsort(dim=1)[:, :int(patch[0].sum())]                         # patch positions, shuffled
+    out = tokens.clone()
+    out[patch] = tokens.gather(1, order).flatten()
+    return out
+
+
 # -----------------------------------------------------------------------------
 # 5. The gzip complexity filter
 # Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The miniature reproduction: does NCA pre-pre-training help language pre-training at small scale?
 #
-#   bash study.sh                                   # the 6 main arms x 3 seeds: ~60 min on a 2-core CPU
-#   SEEDS="3 4 5" bash study.sh                     # more seeds, added to the same table
-#   ARMS="nca-10colours nca-lr1e-3" bash study.sh   # exploration arms (README, "What we tried")
+#   bash study.sh                                   # the 4 headline arms x 3 seeds: ~40 min on a 2-core CPU
+#   SEEDS="3 4" bash study.sh                       # more seeds, added to the same table
+#   ARMS="nca-shuffled nca-pool" bash study.sh      # other arms (README, "What transfers, and why")
+# Every run is started with --resume: an interrupted study continues where it stopped, finished runs are kept.
 #
 # Every arm then pre-trains on the same Python-stdlib corpus, with the same seed and the same stage-2 data order:
 #   scratch            no stage 1
@@ -13,6 +14,17 @@
 #   c4                 stage 1 on natural text (needs `python -m data.hf.prepare --dataset c4`, a download)
 #   nca-reinit-attn    the nca stage-1 model, but attention re-initialised before stage 2 (only MLP, norms carried)
 #   nca-reinit-mlp     the nca stage-1 model, but MLPs re-initialised before stage 2 (only attention, norms carried)
+# what transfers, and why (each the nca arm with one thing changed, unless said):
+#   nca-shuffled       the same NCA sequences with each sequence's patch tokens permuted: NCA's token statistics,
+#                      no dynamics
+#   nca-pool           a fixed pool of 800 rules reused with fresh grids (10 epochs over stage 1's 8000 sequences,
+#                      as the paper's 16,000 rules x 10 epochs) instead of a fresh rule per sequence
+#   nca-torch-init     embedding and head re-initialised with PyTorch's defaults (N(0,1) embedding) before stage 2
+#   nca-recipe         the authors' code as it ran: the pool, a stage-1 rate ramped up and never decayed, PyTorch's
+#                      re-initialisation
+#   nca-band-low, nca-band-mid, nca-band-high
+#                      three complexity bands at 4 colours, between quantiles of that alphabet's gzip-ratio
+#                      distribution (python nca.py --num_colors 4 --stats 2000 --quantiles ...)
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
@@ -23,9 +35,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/study}
 SEEDS=${SEEDS:-"0 1 2"}
-ARMS=${ARMS:-"scratch nca dyck random nca-reinit-attn nca-reinit-mlp"}
+ARMS=${ARMS:-"scratch nca dyck random"}
 # shared: model shape (train.py defaults: 4 layers, width 128, block 256), batch 16 x 256 tokens
-COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0"
+COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0 --device cpu --resume"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
 STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"                  # 2.0M tokens
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
@@ -40,8 +52,16 @@ run_arm() {  # run_arm <arm> <seed>
     nca-reinit-attn|nca-reinit-mlp)
       [ -f $OUT/nca_seed$seed/prepretrain/ckpt.pt ] || run_arm nca $seed
       local group=$([ $arm = nca-reinit-attn ] && echo attention || echo mlp)
-      python train.py $COMMON $STAGE2 --stage pretrain --reinit embedding,head,$group \
+      python train.py ${COMMON/ --resume/} $STAGE2 --stage pretrain --reinit embedding,head,$group \
         --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
+    nca-shuffled)    python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data nca-shuffled --seed $seed --out_dir $dir ;;
+    nca-pool)        python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --seed $seed --out_dir $dir ;;
+    nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --reinit_init torch --seed $seed --out_dir $dir ;;
+    nca-recipe)      python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --prepretrain_schedule ramp \
+                       --reinit_init torch --seed $seed --out_dir $dir ;;
+    nca-band-low)    python train.py $COMMON $STAGE1 $STAGE2 --band BAND_LOW --seed $seed --out_dir $dir ;;
+    nca-band-mid)    python train.py $COMMON $STAGE1 $STAGE2 --band BAND_MID --seed $seed --out_dir $dir ;;
+    nca-band-high)   python train.py $COMMON $STAGE1 $STAGE2 --band BAND_HIGH --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
     nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;

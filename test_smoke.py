@@ -900,6 +900,7 @@ def test_gsm8k_from_local_files(tmp_path):
 # =============================================================================
 # train.py
 
+import dataclasses
 import signal
 import time
 import weakref
@@ -1226,6 +1227,26 @@ def test_a_failed_save_leaves_no_temporary_file_and_says_when_the_disk_is_full(t
 def shutil_usage(free):
     import collections
     return collections.namedtuple("usage", "total used free")(10 ** 9, 10 ** 9 - free, free)
+
+
+def test_study_controls_shuffled_nca_ramp_schedule_and_torch_init(tmp_path, tiny_data):
+    nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
+    cfg = train.TrainConfig(batch_size=3, eval_iters=1, nca_prefetch=False, device="cpu")
+    plain, shuffled = (train.NCAData(nca_cfg, cfg, 47, shuffle=s).get_batch("train") for s in (False, True))
+    (x, y), (xs, ys) = plain, shuffled
+    full, full_s = (torch.cat([a, b[:, -1:]], dim=1) for a, b in ((x, y), (xs, ys)))
+    assert torch.equal(full.sort(dim=1).values, full_s.sort(dim=1).values)  # the same tokens in every row ...
+    assert torch.equal(full >= nca_cfg.start_token, full_s >= nca_cfg.start_token)  # ... frames where they were
+    assert (full != full_s).float().mean() > 0.5 and torch.equal(ys == -1, y == -1)  # ... patches moved
+    run = train.Stage("prepretrain", None, None, None, 100, 1e-3, "", "")
+    ramp = train.TrainConfig(prepretrain_schedule="ramp", device="cpu")
+    lrs = [train.lr_at(dataclasses.replace(run, iter_num=i), ramp) for i in range(100)]
+    assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-5)
+    flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2", "--finetune_iters",
+                      "0", "--eval_interval", "2", "--reinit_init", "torch")
+    train.main(flags)
+    text = torch.load(tmp_path / "out" / "pretrain" / "ckpt.pt", weights_only=True)["model"]
+    assert 0.9 < text["embed_tokens.weight"].std() < 1.1  # PyTorch's N(0, 1), not 0.02
 
 
 def test_steady_state_numbers_leave_out_the_warm_up_steps(tmp_path, tiny_data):

@@ -50,6 +50,7 @@ from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, transfer
 STAGES = ("prepretrain", "pretrain", "finetune")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
+NCA_DATA = ("nca", "nca-shuffled")  # stage-1 data streamed from nca.py
 
 
 @dataclass
@@ -69,9 +70,13 @@ class TrainConfig:
     bench: bool = arg(False, "measure NCA and training throughput on this config, then exit")
     check: bool = arg(False, "check every GPU path in a few minutes (PASS/FAIL per item), then exit")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
-    prepretrain_data: str = arg("nca", "nca (streamed), or a token corpus in data_dir as a control (dyck, random, c4)")
+    prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (the same with every sequence's patch tokens "
+                                       "permuted: the control with NCA's token statistics and no dynamics); or a token "
+                                       "corpus in data_dir as a control (dyck, random, c4)")
     prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
-    prepretrain_lr: float = arg(3e-4, "gentle: SPEC found aggressive stage-1 rates hurt transfer at small scale")
+    prepretrain_lr: float = arg(3e-4, "gentle: aggressive stage-1 rates hurt the transfer at small scale")
+    prepretrain_schedule: str = arg("cosine", "cosine (as the other stages) or ramp: linear warmup over the whole "
+                                              "stage, never decayed (what the authors' code ran)")
     nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")
     nca_num_rules: int = arg(0, "0: a fresh rule for every sequence; N: a fixed pool of N rules")
     nca_chunk: int = arg(0, "NCA rules simulated together (0: 512 on CPU, 4096 on a GPU)")
@@ -83,6 +88,8 @@ class TrainConfig:
                               "norm); auto: embedding,head after stage 1 (as the paper; also for controls with the "
                               "same vocabulary) or on a new vocabulary")
     freeze: str = arg("", "groups kept frozen after transfer (comma-separated, as --reinit)")
+    reinit_init: str = arg("small", "how re-initialised embedding/head start: small (N(0, 0.02), as from scratch) or "
+                                    "torch (PyTorch's defaults: embedding N(0, 1), head uniform; the authors' code)")
     # stage 3: fine-tuning
     finetune_data: str = arg("arith", "prompt/completion pairs in data_dir")
     finetune_iters: int = arg(300, "iterations of stage 3")
@@ -196,6 +203,10 @@ def validate_flags(cfg):
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
+    for flag, value, choices in (("prepretrain_schedule", cfg.prepretrain_schedule, ("cosine", "ramp")),
+                                 ("reinit_init", cfg.reinit_init, ("small", "torch"))):
+        if value not in choices:
+            raise ValueError(f"--{flag} {value!r}: choose {' or '.join(choices)}")
     validate_device(cfg.device)
     validate_optimizer(cfg)
     if cfg.reinit != "auto":
@@ -224,7 +235,7 @@ def validate_data(stage, cfg, model_cfg, nca_cfg):
     if not os.path.isdir(cfg.data_dir):
         raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
     name = getattr(cfg, f"{stage}_data")
-    if stage == "prepretrain" and name == "nca":
+    if stage == "prepretrain" and name in NCA_DATA:
         if model_cfg.block_size < nca_cfg.frame_len:
             raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
                              f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
@@ -346,14 +357,15 @@ class Data:
 class NCAData(Data):
     """Stage-1 batches streamed from nca.py; the validation set is a fixed set of held-out rules."""
 
-    def __init__(self, nca_cfg, cfg, block_size, rank=0):
-        self.name, self.tokenizer, self.eot_token = "nca", None, None
+    def __init__(self, nca_cfg, cfg, block_size, rank=0, shuffle=False):
+        self.name, self.tokenizer, self.eot_token = "nca-shuffled" if shuffle else "nca", None, None
+        self.nca_cfg, self.shuffle = nca_cfg, shuffle
         self.vocab_size = nca_cfg.vocab_size
         self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
                                     device=cfg.device, num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk)
         held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                  chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
-        self.val = [held_out.next_batch() for _ in range(cfg.eval_iters)]
+        self.val = [self.shuffled(*held_out.next_batch()) for _ in range(cfg.eval_iters)]
         # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
         # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
         self.worker = ThreadPoolExecutor(max_workers=1) if cfg.nca_prefetch else None
@@ -366,16 +378,16 @@ class NCAData(Data):
     def make_batch(self):
         state = self.stream.state_dict()  # plain numbers: no copy from the GPU
         if self.side_stream is None:
-            return state, self.stream.next_batch(), None
+            return state, self.shuffled(*self.stream.next_batch()), None
         with torch.cuda.stream(self.side_stream):
-            batch = self.stream.next_batch()
+            batch = self.shuffled(*self.stream.next_batch())
             ready = torch.cuda.Event()
             ready.record(self.side_stream)
         return state, batch, ready
 
     def get_batch(self, split):
         if self.worker is None:
-            return self.stream.next_batch()
+            return self.shuffled(*self.stream.next_batch())
         _, batch, ready = (self.ahead or self.worker.submit(self.make_batch)).result()
         self.ahead = self.worker.submit(self.make_batch)
         if ready is not None:
@@ -384,6 +396,15 @@ class NCAData(Data):
             for tensor in batch:  # made on the side stream, used on this one: the allocator must know
                 tensor.record_stream(training_stream)
         return batch
+
+    def shuffled(self, x, y):
+        """For nca-shuffled: the patch tokens of each sequence permuted (nca.shuffle_patches), targets re-made."""
+        if not self.shuffle:
+            return x, y
+        tokens = nca.shuffle_patches(torch.cat([x, y[:, -1:]], dim=1), self.nca_cfg)
+        x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+        y[:, :self.nca_cfg.frame_len - 1] = -1  # the first frame stays unscored, as in nca.NCAStream
+        return x, y
 
     def state_dict(self):
         # a checkpoint records the batches the model has seen, not the one made ahead: the state before that one
@@ -472,8 +493,8 @@ class PairData(Data):
 
 
 def make_data(stage, cfg, nca_cfg, block_size, tokenizer, rank=0):
-    if stage == "prepretrain" and cfg.prepretrain_data == "nca":
-        return NCAData(nca_cfg, cfg, block_size, rank)
+    if stage == "prepretrain" and cfg.prepretrain_data in NCA_DATA:
+        return NCAData(nca_cfg, cfg, block_size, rank, shuffle=cfg.prepretrain_data == "nca-shuffled")
     if stage == "finetune":
         return PairData(cfg.finetune_data, cfg, block_size, tokenizer, rank)
     return TokenData(getattr(cfg, f"{stage}_data"), cfg, block_size, rank)
@@ -489,6 +510,14 @@ def get_lr(it, max_iters, lr, warmup_frac, min_lr_frac):
         return lr * (it + 1) / warmup
     progress = (it - warmup) / max(1, max_iters - warmup)
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def lr_at(run, cfg):
+    """The learning rate of the stage's current iteration. Stage 1 may ramp instead (--prepretrain_schedule ramp):
+    warmup over the whole stage and no decay, so it ends at its peak rate."""
+    if run.name == "prepretrain" and cfg.prepretrain_schedule == "ramp":
+        return get_lr(run.iter_num, run.max_iters, run.base_lr, warmup_frac=1.0, min_lr_frac=1.0)
+    return get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac, cfg.min_lr_frac)
 
 
 @torch.no_grad()
@@ -672,7 +701,12 @@ def build_model(stage, cfg, model_cfg, data, init):
                          f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
     print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
           f"{init['tokens_seen']:,} tokens)")
-    return transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze))
+    model = transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze))
+    if cfg.reinit_init == "torch":  # PyTorch's own initialisation of the fresh embedding and head
+        for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
+            if group in reinit:
+                module.reset_parameters()
+    return model
 
 
 def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
@@ -754,7 +788,7 @@ def prepare_for_training(run, cfg, ddp):
 
 def optimizer_step(run, cfg, micro_steps, world):
     """One step of the method: grad_accum micro-batches, clip, AdamW. -> (loss, tokens, seconds waiting for data)"""
-    lr = get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac, cfg.min_lr_frac)
+    lr = lr_at(run, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     data_time, tokens, loss_sum = 0.0, 0, 0.0
@@ -794,7 +828,7 @@ def checkpoint_of(run, cfg, nca_cfg, rank_state):
     data = run.data
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "model_args": asdict(run.model.config), "config": asdict(cfg),
-            "nca_config": asdict(nca_cfg) if data.name == "nca" else None, "stage": run.name,
+            "nca_config": asdict(nca_cfg) if isinstance(data, NCAData) else None, "stage": run.name,
             "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                      "eot_token": data.eot_token},
             "iter_num": run.iter_num, "max_iters": run.max_iters, "tokens_seen": run.tokens_seen,
@@ -821,7 +855,7 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
     if ddp.master:
         append_log(run.log_path, {
             "iter": run.iter_num, "tokens": run.tokens_seen, "prior_tokens": run.prior_tokens,
-            "lr": get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac, cfg.min_lr_frac),
+            "lr": lr_at(run, cfg),
             "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed})
     if run.iter_num > run.start_iter:
         save(run, cfg, nca_cfg, ddp)
@@ -916,8 +950,7 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
                     save(run, cfg, nca_cfg, ddp)
                     raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
                                      f"{run.ckpt_path}; continue with the same command and --resume")
-                t_step, lr = time.time(), get_lr(run.iter_num, run.max_iters, run.base_lr, cfg.warmup_frac,
-                                                  cfg.min_lr_frac)
+                t_step, lr = time.time(), lr_at(run, cfg)
                 loss, tokens, data_time = optimizer_step(run, cfg, micro_steps, ddp.world)
                 meter.step(time.time() - t_step, tokens, data_time)
                 if run.iter_num % cfg.log_interval == 0:
@@ -1084,7 +1117,7 @@ def prepare_datasets(cfg, stages, ddp):
                 prepared(cfg, name, "pairs")
                 if cfg.pretrain_data in OFFLINE_DATA:  # a from-scratch fine-tune uses its tokenizer
                     prepared(cfg, cfg.pretrain_data, "tokens")
-            elif not (stage == "prepretrain" and name == "nca"):
+            elif not (stage == "prepretrain" and name in NCA_DATA):
                 prepared(cfg, name, "tokens")
     if ddp.world > 1:
         dist.barrier()
