@@ -19,6 +19,7 @@ Examples:
   python nca.py --bench               # filtered training tokens per second at the paper's settings
   python nca.py --bench --device cuda --chunk 8192   # on a GPU: more rules per tensor program
   python nca.py --num_colors 4 --band 0.25 1.0 --stats 2000   # another alphabet needs another band
+  python nca.py --num_colors 4 --stats 2000 --quantiles 0.2 0.4 0.6 0.8   # low/middle/high bands as --band
 """
 import argparse
 import functools
@@ -534,12 +535,42 @@ def random_ratios(cfg, n, seed=0, device="cpu", chunk=512):
     return np.concatenate(out)
 
 
-def print_stats(cfg, n, device):
+def quantile_bands(ratios, quantiles):
+    """The bands between consecutive quantiles of the ratios, as (q_lo, q_hi, LO, HI, fraction of the ratios with
+    LO < ratio < HI). LO is rounded up and HI down to 3 decimals, so a band never takes in the tied ratios at its
+    edge (many dead rules share one ratio); quantile 0 gives LO 0.0 and quantile 1 gives HI 1.0 (the largest band
+    allowed) rather than the sample's extremes, which new rules may pass. LO >= HI: quantiles equal to 3 decimals."""
+    values = np.quantile(ratios, quantiles)
+    bands = []
+    for (qa, a), (qb, b) in zip(zip(quantiles, values), zip(quantiles[1:], values[1:])):
+        lo = 0.0 if qa == 0 else math.ceil(round(a * 1000, 6)) / 1000
+        hi = 1.0 if qb == 1 else math.floor(round(b * 1000, 6)) / 1000
+        bands.append((qa, qb, lo, hi, float(((ratios > lo) & (ratios < hi)).mean())))
+    return values, bands
+
+
+def band_names(k):
+    return {2: ("low", "high"), 3: ("low", "middle", "high")}.get(k, [f"band {i + 1}" for i in range(k)])
+
+
+def print_stats(cfg, n, device, quantiles=()):
+    """Deciles and acceptance of the current band for n random rules; with quantiles, the ratio at each and the
+    bands between consecutive ones as --band flags (e.g. low, middle and high complexity for another alphabet)."""
     ratios = random_ratios(cfg, n, device=device)
     deciles = np.quantile(ratios, np.linspace(0, 1, 11))
     print("gzip_deciles: " + " ".join(f"{d:.3f}" for d in deciles))
     print(f"accept_rate: {in_band(ratios, cfg).mean():.3f} (band {cfg.band_lo} < ratio < {cfg.band_hi}, "
           f"{n} rules, mean ratio {ratios.mean():.3f})")
+    if not quantiles:
+        return
+    values, bands = quantile_bands(ratios, list(quantiles))
+    print("gzip_quantiles: " + " ".join(f"{q:g}:{v:.3f}" for q, v in zip(quantiles, values)))
+    for name, (qa, qb, lo, hi, accepted) in zip(band_names(len(bands)), bands):
+        if lo >= hi:
+            print(f"{name}: none (quantiles {qa:g} and {qb:g} are both ~{values[quantiles.index(qa)]:.3f})")
+        else:
+            print(f"{name}: --band {lo:.3f} {hi:.3f} (quantiles {qa:g}-{qb:g}, accepts {accepted:.3f} of these "
+                  f"rules)")
 
 
 def synchronize(device):
@@ -663,6 +694,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     parser.add_argument("--stats", type=int, default=0, metavar="N", help="print gzip deciles of N random rules")
+    parser.add_argument("--quantiles", type=float, nargs="+", default=(), metavar="Q",
+                        help="with --stats: the gzip ratio at these quantiles (0..1, ascending) and the bands "
+                             "between them as --band flags, e.g. --quantiles 0.2 0.4 0.6 0.8")
     parser.add_argument("--bench", action="store_true", help="print filtered training tokens/s (paper settings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
@@ -674,9 +708,13 @@ def main(argv=None):
         parser.error(str(e))
     if args.chunk < 0:
         parser.error(f"--chunk must be >= 0 (0 picks by device), got {args.chunk}")
+    if args.quantiles and not args.stats:
+        parser.error("--quantiles needs --stats N (the number of random rules to take quantiles of)")
+    if any(not 0 <= q <= 1 for q in args.quantiles) or any(a >= b for a, b in zip(args.quantiles, args.quantiles[1:])):
+        parser.error(f"--quantiles must be ascending numbers in [0, 1], got {args.quantiles}")
     print("config:", asdict(cfg))
     if args.stats:
-        print_stats(cfg, args.stats, args.device)
+        print_stats(cfg, args.stats, args.device, args.quantiles)
     elif args.bench:
         bench(cfg, args.device, chunk=args.chunk)
     else:

@@ -59,9 +59,9 @@ run_arm() {  # run_arm <arm> <seed>
     nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --reinit_init torch --seed $seed --out_dir $dir ;;
     nca-recipe)      python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --prepretrain_schedule ramp \
                        --reinit_init torch --seed $seed --out_dir $dir ;;
-    nca-band-low)    python train.py $COMMON $STAGE1 $STAGE2 --band BAND_LOW --seed $seed --out_dir $dir ;;
-    nca-band-mid)    python train.py $COMMON $STAGE1 $STAGE2 --band BAND_MID --seed $seed --out_dir $dir ;;
-    nca-band-high)   python train.py $COMMON $STAGE1 $STAGE2 --band BAND_HIGH --seed $seed --out_dir $dir ;;
+    nca-band-low)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.082 0.203 --seed $seed --out_dir $dir ;;
+    nca-band-mid)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.204 0.322 --seed $seed --out_dir $dir ;;
+    nca-band-high)   python train.py $COMMON $STAGE1 $STAGE2 --band 0.323 1.0 --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
     nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;

@@ -256,6 +256,26 @@ def test_command_line_stats_prints_deciles_and_acceptance(capsys):
         nca.main(["--grid", "7"])  # argparse error: the patch does not divide the grid
 
 
+def test_stats_quantiles_print_bands_ready_to_paste(capsys):
+    nca.main(["--stats", "64", "--grid", "6", "--num_colors", "4", "--quantiles", "0.3", "0.6", "0.8", "1.0"])
+    out = capsys.readouterr().out
+    assert len(out.split("gzip_quantiles:")[1].split("\n")[0].split()) == 4
+    for name in ("low", "middle", "high"):
+        lo, hi = map(float, out.split(f"{name}: --band ")[1].split()[:2])
+        NCAConfig(grid=6, num_colors=4, band_lo=lo, band_hi=hi).validate()  # each band is a valid --band
+    # 30 tied dead ratios, then 70 spread ones: a band whose lower quantile is the tie leaves the tied rules out
+    ratios = np.array([0.02] * 30 + list(np.linspace(0.1, 0.4, 70)))
+    values, bands = nca.quantile_bands(ratios, [0.0, 0.1, 0.2, 0.6, 1.0])
+    assert values[1] == values[2] == 0.02
+    assert bands[0][2:4] == (0.0, 0.02) and bands[-1][3] == 1.0  # quantiles 0 and 1 open the band to the limits
+    assert bands[1][2] >= bands[1][3]  # quantiles 0.1 and 0.2 are equal: no band between them
+    assert bands[2][2:] == (0.02, 0.227, 0.30)  # ratios 0.02 < r < 0.227: the 30 spread ones below quantile 0.6
+    for bad in (["--quantiles", "0.5", "0.2", "--stats", "8"], ["--quantiles", "1.5", "--stats", "8"],
+                ["--quantiles", "0.5"]):  # descending, out of [0, 1], without --stats
+        with pytest.raises(SystemExit):
+            nca.main(bad)
+
+
 # =============================================================================
 # model.py
 
@@ -957,6 +977,8 @@ def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsy
     log = read_log(tmp_path / "out" / "pretrain" / "log.jsonl")
     assert [r["iter"] for r in log] == [0, 3, 6]
     assert ckpts["finetune"]["data"]["name"] == "arith" and ckpts["finetune"]["iter_num"] == 4
+    for stage in train.STAGES:  # every evaluation of every stage logs the in-context probe
+        assert all("icl_score" in r and "induction_score" in r for r in read_log(tmp_path / "out" / stage / "log.jsonl"))
 
 
 def test_tokens_seen_counts_every_micro_batch(tmp_path, tiny_data, monkeypatch):
@@ -1290,6 +1312,8 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
 # =============================================================================
 # eval.py
 
+from types import SimpleNamespace
+
 import torch.nn as nn
 
 import eval as evaluate
@@ -1411,6 +1435,117 @@ def test_icl_command_writes_a_plot_and_rejects_text_checkpoints(tmp_path, capsys
     tiny_checkpoint(text)
     with pytest.raises(SystemExit, match="not NCA"):
         evaluate.main(["icl", "--ckpt", text, "--device", "cpu"])
+
+# -----------------------------------------------------------------------------
+# in-context learning probe
+
+
+class ContextBlind(nn.Module):
+    """Logits from the current token alone (an embedding, then a linear map): context cannot help it."""
+
+    def __init__(self, vocab_size, block_size):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.embed, self.head = nn.Embedding(vocab_size, 16), nn.Linear(16, vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.head(self.embed(idx))
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                                      ignore_index=-1)
+
+
+class Copier(nn.Module):
+    """A perfect induction head for two copies of block_size // 2 = L tokens: uniform logits before position L; from
+    position L on, a logit of 100 on the token L positions back from the target (L - 1 back from the input)."""
+
+    def __init__(self, vocab_size, block_size):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        L, V = self.config.block_size // 2, self.config.vocab_size
+        logits = torch.zeros(B, T, V)
+        logits[:, L:] = 100.0 * F.one_hot(idx[:, 1:T - L + 1], V)
+        return logits, None
+
+
+def test_probe_scores_a_context_blind_model_near_zero():
+    V, T, B = 64, 128, 64
+    model = ContextBlind(V, T)
+    tokens = torch.randint(V, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    batches = [(tokens[:32, :-1], tokens[:32, 1:]), (tokens[32:, :-1], tokens[32:, 1:])]
+    losses = evaluate.loss_by_position(model, batches)
+    with torch.no_grad():
+        per_token = F.cross_entropy(model(tokens[:, :-1])[0].flatten(0, 1), tokens[:, 1:].flatten(),
+                                    reduction="none").view(B, T)
+    assert losses.dtype == np.float64 and np.allclose(losses, per_token.mean(dim=0).numpy(), atol=1e-5)
+    icl = evaluate.in_context_score(losses)
+    assert icl["early"] == (6, 19) and icl["late"] == (108, 128)  # [5%, 15%) and [85%, 100%) of 128 positions
+    # i.i.d. tokens: every position's loss is an independent draw of one distribution, so the difference of the two
+    # window means is 0 within 5 standard errors (13 and 20 positions of 64 rows)
+    standard_error = per_token.std().item() * math.sqrt(1 / (B * 13) + 1 / (B * 20))
+    assert abs(icl["icl_score"]) < 5 * standard_error
+    # the two copies hold the same (input, target) pairs, so a context-blind model scores 0 up to rounding
+    induction = evaluate.induction_score(model, V, T, "cpu")
+    assert induction["induction_score"] == pytest.approx(0.0, abs=1e-5)
+    assert induction["loss_first_copy"] > math.log(V) - 0.5  # random tokens: nothing to predict them from
+
+
+def test_in_context_score_windows_whole_frames_after_the_masked_first():
+    L, T = 10, 100
+    place = (np.arange(T) + 1) % L  # the target of position t is token t + 1; place 0 is a frame's START
+    frame = (np.arange(T) + 1) // L
+    periodic = np.where(place == 0, 0.0, 1.0)  # START is free to predict, every other token costs 1
+    periodic[:L - 1] = np.nan  # the first frame is masked, as NCAStream does
+    by_frames = evaluate.in_context_score(periodic, frame_len=L)
+    assert by_frames["icl_score"] == 0.0  # whole frames: START counts the same in both windows
+    assert by_frames["early"] == (9, 19) and by_frames["late"] == (79, 99)  # frames 1, and 8-9 of 1..9
+    assert np.isnan(by_frames["loss_by_frame"][[0, 10]]).all()  # masked frame 0, frame 10 cut by the block
+    assert evaluate.in_context_score(periodic)["icl_score"] != 0.0  # positions: START's share differs by window
+    falling = np.where(frame > 0, periodic * 2.0 / np.maximum(frame, 1), np.nan)
+    result = evaluate.in_context_score(falling, frame_len=L)
+    assert result["loss_early"] == pytest.approx(1.8) and result["loss_late"] == pytest.approx((1.8 / 8 + 1.8 / 9) / 2)
+    assert result["icl_score"] < 0
+    assert evaluate.in_context_score(falling, first_scored=29, frame_len=L)["early"] == (29, 39)  # from frame 3
+
+
+def test_induction_score_of_a_perfect_copier_is_minus_log_v():
+    V, T = 50, 64
+    result = evaluate.induction_score(Copier(V, T), V, T, "cpu", exclude=(0, V - 1))
+    assert result["copy_accuracy"] == 1.0 and result["loss_second_copy"] < 1e-6
+    assert result["loss_first_copy"] == pytest.approx(math.log(V), rel=1e-6)  # uniform logits
+    assert result["induction_score"] == pytest.approx(-math.log(V), rel=1e-5)
+    tokens = evaluate.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1, None))
+    assert torch.equal(tokens[:, :32], tokens[:, 32:]) and tokens.min() >= 1 and tokens.max() <= V - 2
+    assert torch.equal(tokens, evaluate.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1)))
+
+
+def test_probe_on_a_tiny_gpt_and_the_probe_command(tmp_path, capsys):
+    cfg = TINY_NCA
+    data = {"name": "nca", "tokenizer": None, "vocab_size": cfg.vocab_size, "eot_token": None}
+    path = str(tmp_path / "run/prepretrain/ckpt.pt")
+    model = tiny_checkpoint(path, vocab_size=cfg.vocab_size, data=data, nca_config=asdict(cfg), stage="prepretrain")
+    model.train()
+    val = [evaluate.HeldOutStream(cfg, 4, 64, seed=0).next_batch()]
+    keys = {"icl_score", "loss_early", "loss_late", "loss_first_copy", "loss_second_copy", "induction_score",
+            "copy_accuracy"}
+    for autocast in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        result = evaluate.probe(model, val, cfg.vocab_size, 64, "cpu", autocast, frame_len=cfg.frame_len,
+                                exclude=(cfg.start_token, cfg.end_token))
+        assert set(result) == keys and all(type(v) is float and math.isfinite(v) for v in result.values())
+    assert model.training  # put back in the mode it was in
+    assert set(evaluate.main(["probe", "--ckpt", path, "--batch_size", "4", "--num_batches", "2",
+                              "--device", "cpu"])) == keys
+    assert "loss by frame: 1:" in capsys.readouterr().out
+    assert os.path.getsize(tmp_path / "run/prepretrain/probe.png") > 0
+    save_token_dataset(str(tmp_path / "tiny"), get_tokenizer("bytes"), np.arange(500) % 257, np.arange(300) % 257)
+    text = str(tmp_path / "text/pretrain/ckpt.pt")
+    tiny_checkpoint(text)
+    evaluate.main(["probe", "--ckpt", text, "--data_dir", str(tmp_path / "tiny"), "--out", str(tmp_path / "t.png"),
+                   "--device", "cpu"])
+    assert "loss by position: 0-7:" in capsys.readouterr().out and os.path.getsize(tmp_path / "t.png") > 0
 
 # -----------------------------------------------------------------------------
 # comparing runs

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import nca
+from eval import probe
 from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, prepare_command, read_jsonl
 from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, transfer
 
@@ -855,10 +856,21 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
     if ddp.master:
         append_log(run.log_path, {
             "iter": run.iter_num, "tokens": run.tokens_seen, "prior_tokens": run.prior_tokens,
-            "lr": lr_at(run, cfg),
-            "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed})
+            "lr": lr_at(run, cfg), "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed,
+            **probe_context(run, cfg)})
     if run.iter_num > run.start_iter:
         save(run, cfg, nca_cfg, ddp)
+
+
+def probe_context(run, cfg):
+    """How much the model uses its context (eval.probe): the loss late in a validation sequence minus early in it
+    (for NCA, by whole frames), and how well it copies a repeated random sequence. null where undefined."""
+    data = run.data
+    frame_len = data.nca_cfg.frame_len if isinstance(data, NCAData) else None
+    special = (data.nca_cfg.start_token, data.nca_cfg.end_token) if frame_len else (data.eot_token,)
+    values = probe(run.model, data.val_batches(), data.vocab_size, run.model.config.block_size, cfg.device,
+                   run.autocast, frame_len=frame_len, exclude=special)
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
 class StopSignal:
