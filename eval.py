@@ -37,10 +37,15 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def load_model(ckpt_path, device):
     """(model in eval mode on device, checkpoint dict), rebuilt from the checkpoint's model_args, loaded strictly."""
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt_path}; train one with train.py "
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--ckpt: no checkpoint file at {ckpt_path}; train one with train.py "
                                 f"(it writes out_dir/<stage>/ckpt.pt)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # to the CPU, then only the weights move
+    try:  # to the CPU, then only the weights move
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--ckpt {ckpt_path} is not a checkpoint torch can load safely ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "stage", "data"} <= ckpt.keys():
+        raise ValueError(f"--ckpt {ckpt_path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
     ckpt.pop("optimizer", None)  # evaluation needs no AdamW state (twice the weights' size)
     model = GPT(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt.pop("model"), strict=True)
@@ -859,9 +864,29 @@ def build_parser():
     return parser
 
 
+POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")
+
+
+def check_args(args):
+    """The numbers of every subcommand, checked before any model is loaded."""
+    for name in POSITIVE:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("block_size", "max_tokens"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1 (or left out), got {getattr(args, name)}")
+    if getattr(args, "max_k", 0) < 0:
+        raise ValueError(f"--max_k must be >= 1 (0 or left out: as many as the model's block holds), got {args.max_k}")
+    if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if hasattr(args, "top_p") and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         return args.function(args)
     except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
         sys.exit(f"eval.py {args.command}: error: {e}")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -1337,6 +1338,22 @@ def tiny_checkpoint(path, vocab_size=257, data=None, nca_config=None, stage="pre
 
 # -----------------------------------------------------------------------------
 # pass@k
+
+
+def test_eval_refuses_bad_numbers_and_non_checkpoints_before_loading(tmp_path, capsys):
+    path = str(tmp_path / "ckpt.pt")
+    tiny_checkpoint(path)
+    cases = [(["icl", "--ckpt", path, "--num_rules", "0"], "--num_rules must be >= 1"),
+             (["icl", "--ckpt", path, "--max_k", "-1"], "--max_k must be >= 1"),
+             (["passk", "--ckpt", path, "--max_problems", "0"], "--max_problems must be >= 1"),
+             (["passk", "--ckpt", path, "--temperature", "nan"], "--temperature must be a finite number"),
+             (["perplexity", "--ckpt", path, "--block_size", "-5"], "--block_size must be >= 1"),
+             (["perplexity", "--ckpt", path, "--batch_size", "0"], "--batch_size must be >= 1"),
+             (["icl", "--ckpt", str(tmp_path)], "no checkpoint file at"),
+             (["icl", "--ckpt", os.path.join(REPO_ROOT, "README.md")], "is not a checkpoint torch can load safely")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            evaluate.main(argv + ["--device", "cpu"])
 
 
 def test_pass_at_k_matches_hand_computed_values():
