@@ -1671,7 +1671,7 @@ def test_perplexity_refuses_another_tokenizer(tmp_path):
                     data={"name": "nca", "tokenizer": None, "vocab_size": TINY_NCA.vocab_size, "eot_token": None})
     with pytest.raises(SystemExit, match="trained on nca tokens, not text"):
         evaluate.main(["perplexity", "--ckpt", nca_ckpt, "--device", "cpu"])
-    with pytest.raises(SystemExit, match="no checkpoint at"):
+    with pytest.raises(SystemExit, match="no checkpoint file at"):
         evaluate.main(["perplexity", "--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"])
 
 # -----------------------------------------------------------------------------
