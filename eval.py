@@ -7,6 +7,7 @@ pass@k, export to Hugging Face.
   python eval.py probe --ckpt out/nca/prepretrain/ckpt.pt                   # in-context + induction scores, loss plot
   python eval.py compare --runs out/scratch out/nca out/dyck --out compare.png
   python eval.py compare --runs 'out/study/*' --baseline scratch            # <arm>_seed<k> runs -> mean +- std
+  python eval.py probes --runs 'out/study/*' --out probe_vs_gain.png       # in-context probe vs the stage-2 gain
   python eval.py passk --ckpt out/nca/finetune/ckpt.pt --n 16 --k 1 2 4 8   # unbiased pass@k and greedy accuracy
   python eval.py export --ckpt out/nca/pretrain/ckpt.pt --out_dir hf_model  # LlamaForCausalLM.from_pretrained(dir)
 
@@ -671,6 +672,84 @@ def run_compare(args):
     plot_compare(arms, args.out, args.stage, baseline)
     return table
 
+def final_record(run_dir, stage):
+    """The last evaluation record of a run's stage, or None when the run has no such stage."""
+    path = os.path.join(run_dir, stage, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records[-1] if records else None
+
+
+def probe_rows(run_dirs, baseline="scratch"):
+    """Per run: its arm, seed, the probe at the end of stage 1 and of stage 2, and its stage-2 gain: final val loss
+    minus the baseline run's of the same seed (same stage-2 data order; negative = better than the baseline)."""
+    runs = [(run, *arm_of(run)) for run in run_dirs]
+    base = {seed: final_record(run, "pretrain")["val_loss"] for run, arm, seed in runs if arm == baseline}
+    if not base:
+        raise ValueError(f"--baseline {baseline!r}: none of the runs is of that arm")
+    rows = []
+    for run, arm, seed in runs:
+        stage1, stage2 = final_record(run, "prepretrain"), final_record(run, "pretrain")
+        rows.append({"arm": arm, "seed": seed, "gain": stage2["val_loss"] - base[seed] if seed in base else None,
+                     **{f"{key}_{n}": (s or {}).get(key) for n, s in ((1, stage1), (2, stage2))
+                        for key in ("icl_score", "induction_score")}})
+    return rows
+
+
+def probe_table(rows, baseline):
+    """Markdown: per arm, the paired gain over the baseline and the probe values at the end of each stage."""
+    keys = ("gain", "icl_score_1", "induction_score_1", "icl_score_2", "induction_score_2")
+    lines = [f"| arm | runs | loss - {baseline}, same seed (lower in) | in-context score, end of stage 1 | "
+             f"induction score, end of stage 1 | in-context score, end of stage 2 | induction score, end of stage 2 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        cells = []
+        for key in keys:
+            values = [r[key] for r in mine if r[key] is not None]
+            if not values or (key == "gain" and arm == baseline):
+                cells.append("-")
+                continue
+            cells.append(f"{np.mean(values):+.4f} ± {np.std(values):.4f}" +
+                         (f" ({sum(v < 0 for v in values)}/{len(values)})" if key == "gain" else ""))
+        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_probe_vs_gain(rows, out, baseline):
+    """Every run with a stage 1 as a point: its in-context score at the end of stage 1 (x) against its stage-2 gain
+    over the baseline of the same seed (y), coloured by arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["icl_score_1"] is not None and r["gain"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in points)):
+        mine = [r for r in points if r["arm"] == arm]
+        ax.scatter([r["icl_score_1"] for r in mine], [r["gain"] for r in mine], label=arm, color=f"C{i}", s=30)
+    ax.axhline(0, color="black", linewidth=0.8)
+    if len(points) > 2:
+        r = np.corrcoef([p["icl_score_1"] for p in points], [p["gain"] for p in points])[0, 1]
+        ax.set_title(f"{len(points)} runs, Pearson r = {r:+.2f}", fontsize=9)
+    ax.set_xlabel("in-context score at the end of stage 1 (late minus early loss, nats; lower = more in-context)")
+    ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def run_probes(args):
+    rows = probe_rows(expand_runs(args.runs), args.baseline)
+    table = probe_table(rows, args.baseline)
+    print(table)
+    plot_probe_vs_gain(rows, args.out, args.baseline)
+    return rows
+
 # -----------------------------------------------------------------------------
 # pass@k on stage-3 tasks
 
@@ -808,7 +887,7 @@ def build_parser():
     def command(name, function, help):
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(function=function)
-        if name != "compare":
+        if name not in ("compare", "probes"):
             sub.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/<run>/<stage>/ckpt.pt")
             sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
         return sub
@@ -846,6 +925,11 @@ def build_parser():
     sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"))
     sub.add_argument("--baseline", help="arm to compare against (default: the one whose name contains 'scratch')")
     sub.add_argument("--out", default="compare.png", help="where to write the plot")
+
+    sub = command("probes", run_probes, "the probe at the end of each stage against the stage-2 gain, per arm")
+    sub.add_argument("--runs", nargs="+", required=True, help="run folders (<arm>_seed<k>) or glob patterns")
+    sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, seed by seed")
+    sub.add_argument("--out", default="probe_vs_gain.png", help="where to write the scatter plot")
 
     sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
     sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")

@@ -1626,6 +1626,26 @@ def test_compare_groups_seeds_into_arms(tmp_path):
     assert os.path.getsize(tmp_path / "seeds.png") > 0
 
 
+def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
+    def write(run, stage, val_loss, icl):
+        os.makedirs(tmp_path / run / stage, exist_ok=True)
+        with open(tmp_path / run / stage / "log.jsonl", "w") as f:
+            for loss in (val_loss + 1, val_loss):
+                f.write(json.dumps({"iter": 0, "tokens": 0, "prior_tokens": 0, "val_loss": loss, "icl_score": icl,
+                                    "induction_score": 2 * icl}) + "\n")
+    for seed, base in ((0, 1.50), (1, 1.60)):
+        write(f"scratch_seed{seed}", "pretrain", base, -0.01)
+        write(f"nca_seed{seed}", "prepretrain", 3.0, -0.2 - seed / 10)
+        write(f"nca_seed{seed}", "pretrain", base - 0.02 + seed / 100, -0.05)
+    out = str(tmp_path / "scatter.png")
+    rows = evaluate.main(["probes", "--runs", str(tmp_path / "*"), "--out", out])
+    nca_rows = sorted((r for r in rows if r["arm"] == "nca"), key=lambda r: r["seed"])
+    assert [r["gain"] for r in nca_rows] == pytest.approx([-0.02, -0.01])  # paired with scratch of the same seed
+    assert [r["icl_score_1"] for r in nca_rows] == pytest.approx([-0.2, -0.3])
+    table = capsys.readouterr().out
+    assert "| nca | 2 | -0.0150 ± 0.0050 (2/2) | -0.2500 ± 0.0500 |" in table and os.path.exists(out)
+
+
 def test_compare_names_a_missing_log_and_an_unknown_baseline(tmp_path):
     write_log(tmp_path / "scratch", "pretrain", [0, 10], [2.0, 1.0])
     with pytest.raises(FileNotFoundError, match="did the run finish stage finetune"):
