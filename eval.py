@@ -895,7 +895,7 @@ def build_parser():
     sub = command("perplexity", run_perplexity, "mean loss and perplexity on a fixed set of windows of a split")
     sub.add_argument("--dataset", help="data/<name> to score (default: the checkpoint's training data)")
     sub.add_argument("--data_dir", help="a prepared dataset folder anywhere (overrides --dataset)")
-    sub.add_argument("--split", default="val", choices=("train", "val"))
+    sub.add_argument("--split", default="val", choices=("train", "val"), help="which split of the dataset")
     sub.add_argument("--block_size", type=int, help="window length (default: the model's block_size)")
     sub.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     sub.add_argument("--max_tokens", type=int, help="score only the first N tokens of the split")
@@ -912,7 +912,7 @@ def build_parser():
     sub.add_argument("--dataset", help="data/<name> of a text checkpoint's windows (default: its training data; "
                                        "a fine-tuned one's pretraining data)")
     sub.add_argument("--data_dir", help="a prepared token dataset folder anywhere (overrides --dataset)")
-    sub.add_argument("--split", default="val", choices=("train", "val"))
+    sub.add_argument("--split", default="val", choices=("train", "val"), help="which split of the dataset")
     sub.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     sub.add_argument("--num_batches", type=int, default=4, help="validation batches averaged")
     sub.add_argument("--num_sequences", type=int, default=8, help="repeated random sequences of the induction score")
@@ -922,7 +922,8 @@ def build_parser():
 
     sub = command("compare", run_compare, "validation curves of several runs, final loss and convergence speed-up")
     sub.add_argument("--runs", nargs="+", required=True, help="run folders (train.py --out_dir) or glob patterns")
-    sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"))
+    sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"),
+                     help="whose validation curves to compare")
     sub.add_argument("--baseline", help="arm to compare against (default: the one whose name contains 'scratch')")
     sub.add_argument("--out", default="compare.png", help="where to write the plot")
 
@@ -934,11 +935,11 @@ def build_parser():
     sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
     sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")
     sub.add_argument("--data_dir", help="a prepared task folder anywhere (overrides --task's folder)")
-    sub.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sub.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's problems")
     sub.add_argument("--n", type=int, default=16, help="samples per problem")
     sub.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="k values of pass@k (each <= n)")
-    sub.add_argument("--temperature", type=float, default=0.4)
-    sub.add_argument("--top_p", type=float, default=0.95)
+    sub.add_argument("--temperature", type=float, default=0.4, help="sampling temperature (the paper: 0.4)")
+    sub.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (the paper: 0.95)")
     sub.add_argument("--max_problems", type=int, default=100, help="evaluate the first N problems of the split")
     sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
     sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")

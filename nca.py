@@ -698,7 +698,8 @@ def main(argv=None):
                         help="with --stats: the gzip ratio at these quantiles (0..1, ascending) and the bands "
                              "between them as --band flags, e.g. --quantiles 0.2 0.4 0.6 0.8")
     parser.add_argument("--bench", action="store_true", help="print filtered training tokens/s (paper settings)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where rules are simulated: cpu or cuda (default: cuda when torch sees a GPU)")
     parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
     parser.add_argument("--out", default="nca_demo.png", help="where the demo writes its picture")
     args = parser.parse_args(argv)
