@@ -7,6 +7,10 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
+Read it in this order: build_model (what stage 2 keeps of stage 1), then the loop: train_stage -> setup_stage,
+optimizer_step, evaluate_and_save. The data sources (NCAData, TokenData, PairData) come before it; Meter, --bench and
+--check after it.
+
 Every hyperparameter is a flag (python train.py --help). Examples:
 
   python train.py                                   # all three stages on the offline default (stdlib code, arith)
@@ -15,6 +19,7 @@ Every hyperparameter is a flag (python train.py --help). Examples:
   python train.py --prepretrain_data random         # the random-token control: a warm start with nothing to learn
   python train.py --stage pretrain --init_from out/prepretrain/ckpt.pt --reinit embedding,head,attention
   python train.py --resume                          # continue an interrupted run where it stopped
+  python train.py --check                           # on a new machine: every GPU path, PASS/FAIL per item
 
 Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically) and out_dir/<stage>/log.jsonl
 (one line per evaluation, read by eval.py).
@@ -36,7 +41,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, fields
 
 import numpy as np
 import torch
