@@ -1208,6 +1208,10 @@ def test_resume_refuses_changed_model_or_schedule_flags_and_says_when_it_starts_
     flags = run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "4", "--eval_interval", "2")
     train.main(flags + ["--resume"])
     assert "there is no" in capsys.readouterr().out  # nothing to resume: it says so and starts fresh
+    chain = run_flags(tmp_path / "chain", tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2",
+                      "--finetune_iters", "0", "--eval_interval", "2", "--resume")
+    train.main(chain)  # --resume from an empty folder still chains: stage 2 starts from stage 1's checkpoint
+    assert "pretrain starts from the prepretrain checkpoint" in capsys.readouterr().out
     for changed, message in ((["--n_embd", "32"], "--n_embd 32 (checkpoint: 16)"),
                              (["--pretrain_iters", "8"], "--pretrain_iters 8 (checkpoint: 4)")):
         with pytest.raises(SystemExit):

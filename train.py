@@ -723,10 +723,11 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     resume = init = None
     if cfg.resume and os.path.exists(ckpt_path):
         resume = load_checkpoint(ckpt_path, "--resume: ")
-    elif cfg.resume:
-        print(f"--resume: there is no {ckpt_path} yet, so {stage} starts fresh")
-    elif init_path:
-        init = load_checkpoint(init_path, "--init_from ")
+    else:
+        if cfg.resume:
+            print(f"--resume: there is no {ckpt_path} yet, so {stage} starts fresh")
+        if init_path:  # the previous stage's checkpoint (or --init_from)
+            init = load_checkpoint(init_path, "--init_from ")
     max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
     if resume is not None and resume["iter_num"] >= max_iters:
         print(f"== {stage}: already complete in {ckpt_path}, skipping")
