@@ -682,6 +682,7 @@ class Stage:
     prior_tokens: int = 0  # tokens of the stages before, for the compute-matched comparison
     best_val_loss: float = math.inf
     start_iter: int = 0
+    resumed: bool = False
     train_model: torch.nn.Module = None
     ddp_model: torch.nn.Module = None
     autocast: object = None
@@ -771,6 +772,7 @@ def restore(run, resume, ddp):
     run.data.load_state_dict(rank_state["data"])
     torch.set_rng_state(rank_state["rng"])
     run.iter_num = run.start_iter = resume["iter_num"]
+    run.resumed = True
     run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
                                                             resume["best_val_loss"])
     if ddp.master:
@@ -960,7 +962,7 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         try:
             while True:
                 if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
-                                                     (run.iter_num > run.start_iter or run.start_iter == 0)):
+                                                     (run.iter_num > run.start_iter or not run.resumed)):
                     evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
                 if run.iter_num >= run.max_iters:
                     break
