@@ -712,7 +712,7 @@ def probe_table(rows, baseline):
             if not values or (key == "gain" and arm == baseline):
                 cells.append("-")
                 continue
-            cells.append(f"{np.mean(values):+.4f} ± {np.std(values):.4f}" +
+            cells.append(f"{np.mean(values):+.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}" +
                          (f" ({sum(v < 0 for v in values)}/{len(values)})" if key == "gain" else ""))
         lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -734,9 +734,9 @@ def plot_probe_vs_gain(rows, out, baseline):
     if len(points) > 2:
         r = np.corrcoef([p["icl_score_1"] for p in points], [p["gain"] for p in points])[0, 1]
         ax.set_title(f"{len(points)} runs, Pearson r = {r:+.2f}", fontsize=9)
-    ax.set_xlabel("in-context score at the end of stage 1 (late minus early loss, nats; lower = more in-context)")
-    ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("in-context score after stage 1 (late - early loss, nats; lower: more use of context)", fontsize=8)
+    ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)", fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

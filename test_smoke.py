@@ -1647,7 +1647,7 @@ def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
     assert [r["gain"] for r in nca_rows] == pytest.approx([-0.02, -0.01])  # paired with scratch of the same seed
     assert [r["icl_score_1"] for r in nca_rows] == pytest.approx([-0.2, -0.3])
     table = capsys.readouterr().out
-    assert "| nca | 2 | -0.0150 ± 0.0050 (2/2) | -0.2500 ± 0.0500 |" in table and os.path.exists(out)
+    assert "| nca | 2 | -0.0150 ± 0.0071 (2/2) | -0.2500 ± 0.0707 |" in table and os.path.exists(out)
 
 
 def test_compare_names_a_missing_log_and_an_unknown_baseline(tmp_path):
