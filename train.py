@@ -8,8 +8,8 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
 Read it in this order: build_model (what stage 2 keeps of stage 1), then the loop: train_stage -> setup_stage,
-optimizer_step, evaluate_and_save. The data sources (NCAData, TokenData, PairData) come before it; Meter, --bench and
---check after it.
+optimizer_step, evaluate_and_save. The data sources (NCAData, TokenData, PairData) come before it; StopSignal, Meter
+(Ctrl-C, speed book-keeping), --bench and --check can be skipped on a first read.
 
 Every hyperparameter is a flag (python train.py --help). Examples:
 
