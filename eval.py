@@ -53,6 +53,21 @@ def load_model(ckpt_path, device):
     return model.to(device).eval(), ckpt
 
 
+def pyplot():
+    """matplotlib's pyplot without a display (imported only by the commands that plot)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    pyplot().close(fig)
+    print(f"wrote {out}")
+
+
 class Progress:
     """Prints a line at most every `seconds`, so long loops show they are alive without flooding the terminal."""
 
@@ -190,9 +205,7 @@ def icl_accuracy(model, sequences, cfg, max_k, log=print):
 
 
 def plot_icl(results, out, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(results["k"], results["cell_accuracy"], "o-", label="cell accuracy")
@@ -204,10 +217,7 @@ def plot_icl(results, out, title):
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def run_icl(args):
@@ -420,9 +430,7 @@ def loss_profile(losses, by_frame, buckets=8):
 
 
 def plot_probe(losses, icl, out, title, frame_len=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(len(losses)), losses, lw=0.8, color="gray", label="loss at position")
@@ -436,16 +444,11 @@ def plot_probe(losses, icl, out, title, frame_len=None):
     ax.set_ylabel("validation loss (nats)")
     ax.set_title(f"{title}\nin-context score {icl['icl_score']:+.3f} (late - early)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def run_probe(args):
     model, ckpt = load_model(args.ckpt, args.device)
-    if args.batch_size < 1 or args.num_batches < 1:
-        raise ValueError(f"--batch_size and --num_batches must be >= 1, got {args.batch_size}, {args.num_batches}")
     batches, frame_len, exclude = probe_batches(model, ckpt, args)
     losses = loss_by_position(model, batches)
     icl = in_context_score(losses, frame_len=frame_len)
@@ -620,9 +623,7 @@ def difference_curve(arm, base_arm):
 def plot_compare(arms, out, stage, baseline=None):
     """Validation loss of every arm (mean +- std over seeds) against language tokens and against all tokens; with a
     baseline, a third panel shows each arm's loss minus the baseline's, where differences of 1% are visible."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, panels = plt.subplots(1, 3 if baseline else 2, figsize=(18 if baseline else 12, 4.5))
     colours = {name: f"C{i}" for i, name in enumerate(arms)}
@@ -659,10 +660,7 @@ def plot_compare(arms, out, stage, baseline=None):
         ax.set_xlabel(f"{stage} tokens (matched language tokens)")
         ax.set_ylabel(f"validation loss - {baseline} (same seed; below 0 is better)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def run_compare(args):
@@ -721,9 +719,7 @@ def probe_table(rows, baseline):
 def plot_probe_vs_gain(rows, out, baseline):
     """Every run with a stage 1 as a point: its in-context score at the end of stage 1 (x) against its stage-2 gain
     over the baseline of the same seed (y), coloured by arm."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [r for r in rows if r["icl_score_1"] is not None and r["gain"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -737,10 +733,7 @@ def plot_probe_vs_gain(rows, out, baseline):
     ax.set_xlabel("in-context score after stage 1 (late - early loss, nats; lower: more use of context)", fontsize=8)
     ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)", fontsize=8)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def run_probes(args):
@@ -892,6 +885,14 @@ def build_parser():
             sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
         return sub
 
+    add_text_commands(command)
+    add_context_commands(command)
+    add_run_commands(command)
+    return parser
+
+
+def add_text_commands(command):
+    """perplexity, passk and export: a text checkpoint's loss, its task accuracy, and its weights for transformers."""
     sub = command("perplexity", run_perplexity, "mean loss and perplexity on a fixed set of windows of a split")
     sub.add_argument("--dataset", help="data/<name> to score (default: the checkpoint's training data)")
     sub.add_argument("--data_dir", help="a prepared dataset folder anywhere (overrides --dataset)")
@@ -900,6 +901,24 @@ def build_parser():
     sub.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     sub.add_argument("--max_tokens", type=int, help="score only the first N tokens of the split")
 
+    sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
+    sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")
+    sub.add_argument("--data_dir", help="a prepared task folder anywhere (overrides --task's folder)")
+    sub.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's problems")
+    sub.add_argument("--n", type=int, default=16, help="samples per problem")
+    sub.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="k values of pass@k (each <= n)")
+    sub.add_argument("--temperature", type=float, default=0.4, help="sampling temperature (the paper: 0.4)")
+    sub.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (the paper: 0.95)")
+    sub.add_argument("--max_problems", type=int, default=100, help="evaluate the first N problems of the split")
+    sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+
+    sub = command("export", run_export, "write a Hugging Face LlamaForCausalLM folder (config.json, pytorch_model.bin)")
+    sub.add_argument("--out_dir", required=True, help="folder to write")
+
+
+def add_context_commands(command):
+    """icl and probe: how much a checkpoint uses its context."""
     sub = command("icl", run_icl, "NCA in-context accuracy: predict frame k+1 of held-out rules from k frames")
     sub.add_argument("--num_rules", type=int, default=64, help="held-out rules (one sequence each)")
     sub.add_argument("--max_k", type=int, default=0, help="largest number of context frames (default: as many as "
@@ -920,6 +939,9 @@ def build_parser():
                                               "the text windows (default: 1234, train.py's)")
     sub.add_argument("--out", help="plot of loss by position (default: probe.png next to the checkpoint)")
 
+
+def add_run_commands(command):
+    """compare and probes: several runs (study.sh's <arm>_seed<k> folders) against a baseline arm."""
     sub = command("compare", run_compare, "validation curves of several runs, final loss and convergence speed-up")
     sub.add_argument("--runs", nargs="+", required=True, help="run folders (train.py --out_dir) or glob patterns")
     sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"),
@@ -931,22 +953,6 @@ def build_parser():
     sub.add_argument("--runs", nargs="+", required=True, help="run folders (<arm>_seed<k>) or glob patterns")
     sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, seed by seed")
     sub.add_argument("--out", default="probe_vs_gain.png", help="where to write the scatter plot")
-
-    sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
-    sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")
-    sub.add_argument("--data_dir", help="a prepared task folder anywhere (overrides --task's folder)")
-    sub.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's problems")
-    sub.add_argument("--n", type=int, default=16, help="samples per problem")
-    sub.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="k values of pass@k (each <= n)")
-    sub.add_argument("--temperature", type=float, default=0.4, help="sampling temperature (the paper: 0.4)")
-    sub.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (the paper: 0.95)")
-    sub.add_argument("--max_problems", type=int, default=100, help="evaluate the first N problems of the split")
-    sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
-    sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-
-    sub = command("export", run_export, "write a Hugging Face LlamaForCausalLM folder (config.json, pytorch_model.bin)")
-    sub.add_argument("--out_dir", required=True, help="folder to write")
-    return parser
 
 
 POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")

@@ -1236,14 +1236,8 @@ def test_bad_data_stops_at_load_naming_the_file_and_line(tmp_path, tiny_data, ca
 
 
 def test_a_failed_save_leaves_no_temporary_file_and_says_when_the_disk_is_full(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
-
-    def full_disk(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"part of a checkpoint")
-        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(torch, "save", full_disk)
+    full_disk = RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+    path = save_then_fail_the_next_save(tmp_path, monkeypatch, full_disk)
     monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil_usage(0))
     with pytest.raises(RuntimeError, match="the disk is full"):
         train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
@@ -1737,16 +1731,21 @@ def test_export_round_trip_through_transformers(tmp_path):
 # =============================================================================
 # robustness: nothing lost
 
-def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+def save_then_fail_the_next_save(tmp_path, monkeypatch, error):
+    """A checkpoint of ones at tmp_path/ckpt.pt; then torch.save writes part of a file and raises error."""
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
 
-    def crash_mid_write(obj, f):
+    def fail_mid_write(obj, f):
         with open(f, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise KeyboardInterrupt  # the process dies here
+            handle.write(b"part of a checkpoint")
+        raise error
+    monkeypatch.setattr(torch, "save", fail_mid_write)
+    return path
 
-    monkeypatch.setattr(torch, "save", crash_mid_write)
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = save_then_fail_the_next_save(tmp_path, monkeypatch, KeyboardInterrupt)  # the process dies mid-write
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
     assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
