@@ -31,22 +31,14 @@ import torch.nn.functional as F
 
 import nca
 from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, load_checkpoint
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(ckpt_path, device):
     """(model in eval mode on device, checkpoint dict), rebuilt from the checkpoint's model_args, loaded strictly."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"--ckpt: no checkpoint file at {ckpt_path}; train one with train.py "
-                                f"(it writes out_dir/<stage>/ckpt.pt)")
-    try:  # to the CPU, then only the weights move
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--ckpt {ckpt_path} is not a checkpoint torch can load safely ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or not {"model", "model_args", "stage", "data"} <= ckpt.keys():
-        raise ValueError(f"--ckpt {ckpt_path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
+    ckpt = load_checkpoint(ckpt_path, "--ckpt ")
     ckpt.pop("optimizer", None)  # evaluation needs no AdamW state (twice the weights' size)
     model = GPT(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt.pop("model"), strict=True)

@@ -19,9 +19,11 @@ Usage:
     out = model.generate(idx, 100, temperature=0.4, top_p=0.95)   # with a KV cache; use_cache=False re-runs
     text_model = transfer(nca_state_dict, ModelConfig(vocab_size=257))   # carries attention, MLP, norms
     estimate_memory(ModelConfig(n_layer=24, n_embd=2048), batch_size=8)["total"]   # bytes, before building it
+    checkpoint = load_checkpoint("out/pretrain/ckpt.pt")   # train.py's checkpoint, to the CPU, no code run
 """
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -366,6 +368,23 @@ def estimate_memory(config: ModelConfig, batch_size, dtype="bfloat16", grad_accu
         in_flight += memory["gradients"]
     memory["total"] = memory["weights"] + memory["adamw"] + max(in_flight, memory["gradients"])
     return memory
+
+
+def load_checkpoint(path, flag="", mmap=False):
+    """A checkpoint of train.py, always loaded to the CPU: the caller moves what runs (weights with model.to,
+    optimizer state with optimizer.load_state_dict), and the RNG states stay CPU byte tensors, the only kind
+    generators accept. weights_only=True: loading builds tensors and plain containers, never runs code from the file.
+    mmap=True reads tensors lazily (to look at the settings of a big checkpoint). flag names the flag in messages."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}{path}: no checkpoint file at that path; train.py writes out_dir/<stage>/ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
+                         f"give a ckpt.pt written by train.py") from e
+    if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
+        raise ValueError(f"{flag}{path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
+    return checkpoint
 
 
 def param_group(name: str) -> str:

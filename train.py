@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 import nca
 from eval import probe
 from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, prepare_command, read_jsonl
-from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, transfer
+from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, load_checkpoint, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -571,22 +571,6 @@ def save_checkpoint(path, checkpoint):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def load_checkpoint(path, flag="", mmap=False):
-    """A checkpoint, always loaded to the CPU: the caller moves what runs (weights with model.to, optimizer state
-    with optimizer.load_state_dict), and the RNG states stay CPU byte tensors, the only kind generators accept.
-    mmap=True reads tensors lazily (to look at the settings of a big checkpoint)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag}{path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
-                         f"give a ckpt.pt written by train.py") from e
-    if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
-        raise ValueError(f"{flag}{path} is not a checkpoint of this train.py (it lacks model / model_args / stage)")
-    return checkpoint
 
 
 @contextmanager
