@@ -20,6 +20,7 @@
 #   nca-pool           a fixed pool of 800 rules reused with fresh grids (10 epochs over stage 1's 8000 sequences,
 #                      as the paper's 16,000 rules x 10 epochs) instead of a fresh rule per sequence
 #   nca-torch-init     embedding and head re-initialised with PyTorch's defaults (N(0,1) embedding) before stage 2
+#   scratch-torch-init the scratch arm with PyTorch's defaults for embedding and head, as the authors' scratch arm ran
 #   nca-recipe         the authors' code as it ran: the pool, a stage-1 rate ramped up and never decayed, PyTorch's
 #                      re-initialisation
 #   nca-band-low, nca-band-mid, nca-band-high
@@ -47,6 +48,8 @@ run_arm() {  # run_arm <arm> <seed>
   local arm=$1 seed=$2 dir=$OUT/$1_seed$2
   case $arm in
     scratch)         python train.py $COMMON $STAGE2 --prepretrain_iters 0 --seed $seed --out_dir $dir ;;
+    scratch-torch-init)
+                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 --embed_init torch --seed $seed --out_dir $dir ;;
     nca)             python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --out_dir $dir ;;
     dyck|random|c4)  python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data $arm --seed $seed --out_dir $dir ;;
     nca-reinit-attn|nca-reinit-mlp)
@@ -56,9 +59,9 @@ run_arm() {  # run_arm <arm> <seed>
         --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
     nca-shuffled)    python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data nca-shuffled --seed $seed --out_dir $dir ;;
     nca-pool)        python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --seed $seed --out_dir $dir ;;
-    nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --reinit_init torch --seed $seed --out_dir $dir ;;
+    nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --embed_init torch --seed $seed --out_dir $dir ;;
     nca-recipe)      python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --prepretrain_schedule ramp \
-                       --reinit_init torch --seed $seed --out_dir $dir ;;
+                       --embed_init torch --seed $seed --out_dir $dir ;;
     nca-band-low)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.082 0.203 --seed $seed --out_dir $dir ;;
     nca-band-mid)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.204 0.322 --seed $seed --out_dir $dir ;;
     nca-band-high)   python train.py $COMMON $STAGE1 $STAGE2 --band 0.323 1.0 --seed $seed --out_dir $dir ;;

@@ -1264,10 +1264,14 @@ def test_study_controls_shuffled_nca_ramp_schedule_and_torch_init(tmp_path, tiny
     lrs = [train.lr_at(dataclasses.replace(run, iter_num=i), ramp) for i in range(100)]
     assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-5)
     flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2", "--finetune_iters",
-                      "0", "--eval_interval", "2", "--reinit_init", "torch")
+                      "0", "--eval_interval", "2", "--embed_init", "torch")
     train.main(flags)
-    text = torch.load(tmp_path / "out" / "pretrain" / "ckpt.pt", weights_only=True)["model"]
+    nca, text = (torch.load(tmp_path / "out" / s / "ckpt.pt", weights_only=True)["model"] for s in train.STAGES[:2])
     assert 0.9 < text["embed_tokens.weight"].std() < 1.1  # PyTorch's N(0, 1), not 0.02
+    assert nca["embed_tokens.weight"].std() < 0.1  # stage 1 starts small either way
+    train.main(flags + ["--prepretrain_iters", "0", "--out_dir", str(tmp_path / "scratch")])  # the scratch twin
+    scratch = torch.load(tmp_path / "scratch" / "pretrain" / "ckpt.pt", weights_only=True)["model"]
+    assert 0.9 < scratch["embed_tokens.weight"].std() < 1.1
 
 
 def test_steady_state_numbers_leave_out_the_warm_up_steps(tmp_path, tiny_data):

@@ -94,8 +94,10 @@ class TrainConfig:
                               "norm); auto: embedding,head after stage 1 (as the paper; also for controls with the "
                               "same vocabulary) or on a new vocabulary")
     freeze: str = arg("", "groups kept frozen after transfer (comma-separated, as --reinit)")
-    reinit_init: str = arg("small", "how re-initialised embedding/head start: small (N(0, 0.02), as from scratch) or "
-                                    "torch (PyTorch's defaults: embedding N(0, 1), head uniform; the authors' code)")
+    embed_init: str = arg("small", "how a fresh embedding and head of the text stages start (from scratch, or "
+                                   "re-initialised after NCA): small (N(0, 0.02)) or torch (PyTorch's defaults: "
+                                   "embedding N(0, 1), head uniform; the authors' code, in both arms). Stage 1 always "
+                                   "starts small")
     # stage 3: fine-tuning
     finetune_data: str = arg("arith", "prompt/completion pairs in data_dir")
     finetune_iters: int = arg(300, "iterations of stage 3")
@@ -210,7 +212,7 @@ def validate_flags(cfg):
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
     for flag, value, choices in (("prepretrain_schedule", cfg.prepretrain_schedule, ("cosine", "ramp")),
-                                 ("reinit_init", cfg.reinit_init, ("small", "torch"))):
+                                 ("embed_init", cfg.embed_init, ("small", "torch"))):
         if value not in choices:
             raise ValueError(f"--{flag} {value!r}: choose {' or '.join(choices)}")
     validate_device(cfg.device)
@@ -679,9 +681,19 @@ def build_model(stage, cfg, model_cfg, data, init):
     changes after NCA) start afresh. Built on the CPU; the caller moves it to the device."""
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if init is None:
-        model = GPT(model_cfg)
+        model, reinit = GPT(model_cfg), ["embedding", "head"]
         print(f"model: from scratch, {model.num_params():,} parameters")
-        return model
+    else:
+        model, reinit = transferred_model(stage, cfg, model_cfg, data, init)
+    if cfg.embed_init == "torch" and stage != "prepretrain":  # PyTorch's own init of a fresh embedding and head
+        for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
+            if group in reinit:
+                module.reset_parameters()
+    return model
+
+
+def transferred_model(stage, cfg, model_cfg, data, init):
+    """The model carried over from the checkpoint init, and the groups that start afresh."""
     if cfg.reinit == "auto":  # a new corpus after pre-pre-training (or a new vocabulary): new embedding and head
         new_corpus = init["stage"] == "prepretrain" or init["model_args"]["vocab_size"] != data.vocab_size
         reinit = ["embedding", "head"] if new_corpus else []
@@ -692,12 +704,7 @@ def build_model(stage, cfg, model_cfg, data, init):
                          f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
     print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
           f"{init['tokens_seen']:,} tokens)")
-    model = transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze))
-    if cfg.reinit_init == "torch":  # PyTorch's own initialisation of the fresh embedding and head
-        for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
-            if group in reinit:
-                module.reset_parameters()
-    return model
+    return transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze)), reinit
 
 
 def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
