@@ -650,6 +650,7 @@ def test_matches_hugging_face_llama():
 # =============================================================================
 # data/
 
+from data import common
 from data.common import (DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs,
                          prepare_command, tokenize_documents, write_split)
 
@@ -767,6 +768,21 @@ def test_metadata_cannot_run_code_and_an_old_plain_meta_pkl_is_converted(tmp_pat
 
 # -----------------------------------------------------------------------------
 # token datasets
+
+
+def test_two_writers_of_one_data_file_side_by_side_both_finish_whole(tmp_path):
+    # two prepare runs at once (two study.sh started together) write the same files; each has its own temp file
+    path = str(tmp_path / "train.bin")
+    first, second = np.arange(1000), np.arange(1000, 3000)
+
+    def write_first_while_second_writes(f):
+        f.write(first[:500].astype(np.uint16).tobytes())
+        write_split(path, second)  # the other run starts and finishes in the middle of this one's write
+        f.write(first[500:].astype(np.uint16).tobytes())
+
+    common._atomic_write(path, write_first_while_second_writes)
+    assert np.array_equal(np.fromfile(path, dtype=np.uint16), first)  # the last to finish wins, whole
+    assert os.listdir(tmp_path) == ["train.bin"] and oct(os.stat(path).st_mode & 0o777) == "0o644"
 
 
 def test_stdlib_prepare_writes_the_source_files(tmp_path):

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import time
 from collections.abc import Sized
 
@@ -127,10 +128,14 @@ def _print_progress(num_documents, total_documents, num_tokens, max_tokens, elap
 
 
 def _atomic_write(path, write, mode="wb"):
-    tmp_path = path + ".tmp"  # same folder, so os.replace is a rename
+    # a temp file of its own in the same folder (os.replace is then a rename): two prepare runs side by side never
+    # write into one file
+    folder, name = os.path.split(path)
+    fd, tmp_path = tempfile.mkstemp(dir=folder or ".", prefix=name + ".", suffix=".tmp")
     try:
-        with open(tmp_path, mode) as f:
+        with os.fdopen(fd, mode) as f:
             write(f)
+        os.chmod(tmp_path, 0o644)  # mkstemp's files are private (0600); data files are readable like any other
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
