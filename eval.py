@@ -506,6 +506,34 @@ def expand_runs(patterns):
     return runs
 
 
+def unfinished(run_dir, stage):
+    """Why a run's stage is not finished (no evaluation yet, or its last one short of the iterations its checkpoint
+    planned), or None. A study still running must not enter a table with the loss it has reached so far. A log with
+    no checkpoint beside it counts as finished: nothing says otherwise."""
+    record, ckpt_path = final_record(run_dir, stage), os.path.join(run_dir, stage, "ckpt.pt")
+    if record is None:
+        return f"no {stage} evaluation yet"
+    if os.path.exists(ckpt_path):
+        planned = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)["config"].get(f"{stage}_iters")
+        if planned is not None and record["iter"] < planned:
+            return f"{stage} is at iteration {record['iter']} of {planned}"
+    return None
+
+
+def finished_runs(run_dirs, required, optional=()):
+    """The runs whose required stages, and the optional ones they have, are finished; the others are named and left
+    out."""
+    kept = []
+    for run in run_dirs:
+        stages = list(required) + [s for s in optional if os.path.isdir(os.path.join(run, s))]
+        why = next(filter(None, (unfinished(run, s) for s in stages)), None)
+        if why is None:
+            kept.append(run)
+        else:
+            print(f"left out {run}: {why}")
+    return kept
+
+
 def arm_of(run_dir):
     """(arm, seed) of a run: runs named <arm>_seed<k> are repeats of one arm; any other run is an arm of its own
     (seed None)."""
@@ -656,7 +684,7 @@ def plot_compare(arms, out, stage, baseline=None):
 
 
 def run_compare(args):
-    arms, rows, baseline = compare_runs(expand_runs(args.runs), args.stage, args.baseline)
+    arms, rows, baseline = compare_runs(finished_runs(expand_runs(args.runs), [args.stage]), args.stage, args.baseline)
     table = markdown_table(rows, baseline)
     print(table)
     plot_compare(arms, args.out, args.stage, baseline)
@@ -708,30 +736,41 @@ def probe_table(rows, baseline):
     return "\n".join(lines)
 
 
+def probe_points(rows):
+    """The runs with both an in-context score after stage 1 and a paired gain, and Pearson's r between the two
+    (None for fewer than 3 runs)."""
+    points = [r for r in rows if r["icl_score_1"] is not None and r["gain"] is not None]
+    if len(points) < 3:
+        return points, None
+    return points, float(np.corrcoef([p["icl_score_1"] for p in points], [p["gain"] for p in points])[0, 1])
+
+
 def plot_probe_vs_gain(rows, out, baseline):
     """Every run with a stage 1 as a point: its in-context score at the end of stage 1 (x) against its stage-2 gain
     over the baseline of the same seed (y), coloured by arm."""
     plt = pyplot()
 
-    points = [r for r in rows if r["icl_score_1"] is not None and r["gain"] is not None]
+    points, r = probe_points(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(dict.fromkeys(r["arm"] for r in points)):
         mine = [r for r in points if r["arm"] == arm]
         ax.scatter([r["icl_score_1"] for r in mine], [r["gain"] for r in mine], label=arm, color=f"C{i}", s=30)
     ax.axhline(0, color="black", linewidth=0.8)
-    if len(points) > 2:
-        r = np.corrcoef([p["icl_score_1"] for p in points], [p["gain"] for p in points])[0, 1]
+    if r is not None:
         ax.set_title(f"{len(points)} runs, Pearson r = {r:+.2f}", fontsize=9)
     ax.set_xlabel("in-context score after stage 1 (late - early loss, nats; lower: more use of context)", fontsize=8)
     ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)", fontsize=8)
-    ax.legend(fontsize=7, loc="best")
+    if points:
+        ax.legend(fontsize=7, loc="best")
     save_figure(fig, out)
 
 
 def run_probes(args):
-    rows = probe_rows(expand_runs(args.runs), args.baseline)
-    table = probe_table(rows, args.baseline)
-    print(table)
+    rows = probe_rows(finished_runs(expand_runs(args.runs), ["pretrain"], ["prepretrain"]), args.baseline)
+    print(probe_table(rows, args.baseline))
+    points, r = probe_points(rows)
+    if r is not None:
+        print(f"in-context score after stage 1 against the gain: Pearson r = {r:+.2f} over {len(points)} runs")
     plot_probe_vs_gain(rows, args.out, args.baseline)
     return rows
 

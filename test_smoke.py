@@ -1621,6 +1621,20 @@ def test_compare_two_runs_table_and_plot(tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
+def test_compare_and_probes_leave_out_a_run_still_running(tmp_path, capsys):
+    tokens = [0, 100, 200, 300]
+    for arm in ("scratch", "nca"):
+        write_log(tmp_path / f"{arm}_seed0", "pretrain", tokens, [5.0, 2.0, 1.5, 1.2])
+    write_log(tmp_path / "nca_seed1", "pretrain", tokens[:2], [5.0, 1.1])  # evaluated at 10 of its planned 30 iters
+    torch.save({"model": {}, "model_args": {}, "stage": "pretrain", "config": {"pretrain_iters": 30}},
+               tmp_path / "nca_seed1" / "pretrain" / "ckpt.pt")
+    table = evaluate.main(["compare", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")])
+    assert "left out" in capsys.readouterr().out and "| nca | 1 |" in table  # its 1.1 would have won
+    rows = evaluate.main(["probes", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "p.png")])
+    assert [(r["arm"], r["seed"]) for r in rows] == [("nca", 0), ("scratch", 0)]
+    assert "nca_seed1: pretrain is at iteration 10 of 30" in capsys.readouterr().out
+
+
 def test_compare_groups_seeds_into_arms(tmp_path):
     tokens = [0, 100, 200]
     write_log(tmp_path / "scratch_seed0", "pretrain", tokens, [5.0, 2.0, 1.2])
