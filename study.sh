@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature reproduction: does NCA pre-pre-training help language pre-training at small scale?
 #
-#   bash study.sh                                   # the 4 headline arms x 3 seeds: about 1.5 h on a 2-core CPU
+#   bash study.sh                                   # the 4 headline arms x 3 seeds: about 65 minutes on a 2-core CPU
 #   SEEDS="3 4" bash study.sh                       # more seeds, added to the same table
 #   ARMS="nca-shuffled nca-pool" bash study.sh      # other arms (listed below)
 # Every run is started with --resume: an interrupted study continues where it stopped, finished runs are kept.
