@@ -750,14 +750,14 @@ def plot_probe_vs_gain(rows, out, baseline):
     over the baseline of the same seed (y), coloured by arm."""
     plt = pyplot()
 
-    points, r = probe_points(rows)
+    points, corr = probe_points(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(dict.fromkeys(r["arm"] for r in points)):
         mine = [r for r in points if r["arm"] == arm]
         ax.scatter([r["icl_score_1"] for r in mine], [r["gain"] for r in mine], label=arm, color=f"C{i}", s=30)
     ax.axhline(0, color="black", linewidth=0.8)
-    if r is not None:
-        ax.set_title(f"{len(points)} runs, Pearson r = {r:+.2f}", fontsize=9)
+    if corr is not None:
+        ax.set_title(f"{len(points)} runs, Pearson r = {corr:+.2f}", fontsize=9)
     ax.set_xlabel("in-context score after stage 1 (late - early loss, nats; lower: more use of context)", fontsize=8)
     ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)", fontsize=8)
     if points:
@@ -768,9 +768,9 @@ def plot_probe_vs_gain(rows, out, baseline):
 def run_probes(args):
     rows = probe_rows(finished_runs(expand_runs(args.runs), ["pretrain"], ["prepretrain"]), args.baseline)
     print(probe_table(rows, args.baseline))
-    points, r = probe_points(rows)
-    if r is not None:
-        print(f"in-context score after stage 1 against the gain: Pearson r = {r:+.2f} over {len(points)} runs")
+    points, corr = probe_points(rows)
+    if corr is not None:
+        print(f"in-context score after stage 1 against the gain: Pearson r = {corr:+.2f} over {len(points)} runs")
     plot_probe_vs_gain(rows, args.out, args.baseline)
     return rows
 
