@@ -26,6 +26,9 @@
 #   nca-band-low, nca-band-mid, nca-band-high
 #                      three complexity bands at 4 colours, between quantiles of that alphabet's gzip-ratio
 #                      distribution (python nca.py --num_colors 4 --stats 2000 --quantiles ...)
+#   scratch-w256, nca-w256, dyck-w256
+#                      scratch, nca and dyck with a wider model (width 256: 3.3M parameters instead of 0.87M), the same
+#                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~3x the time)
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
@@ -40,6 +43,7 @@ ARMS=${ARMS:-"scratch nca dyck random"}
 # shared: model shape (train.py defaults: 4 layers, width 128, block 256), batch 16 x 256 tokens
 COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0 --device cpu --resume"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
+WIDE="--n_embd 256"                                                                       # the w256 arms
 STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"                  # 2.0M tokens
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
@@ -65,6 +69,9 @@ run_arm() {  # run_arm <arm> <seed>
     nca-band-low)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.082 0.203 --seed $seed --out_dir $dir ;;
     nca-band-mid)    python train.py $COMMON $STAGE1 $STAGE2 --band 0.204 0.322 --seed $seed --out_dir $dir ;;
     nca-band-high)   python train.py $COMMON $STAGE1 $STAGE2 --band 0.323 1.0 --seed $seed --out_dir $dir ;;
+    scratch-w256)    python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDE --seed $seed --out_dir $dir ;;
+    nca-w256)        python train.py $COMMON $STAGE1 $STAGE2 $WIDE --seed $seed --out_dir $dir ;;
+    dyck-w256)       python train.py $COMMON $STAGE1 $STAGE2 $WIDE --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
     nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;
