@@ -28,7 +28,7 @@
 #                      distribution (python nca.py --num_colors 4 --stats 2000 --quantiles ...)
 #   scratch-w256, nca-w256, dyck-w256
 #                      scratch, nca and dyck with a wider model (width 256: 3.3M parameters instead of 0.87M), the same
-#                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~3x the time)
+#                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~2x the time)
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
