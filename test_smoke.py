@@ -1877,3 +1877,15 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
     assert result.stdout.count("iter 0: val loss") == 1                         # rank 0 alone logs
     ckpt = torch.load(tmp_path / "two" / "out" / "pretrain" / "ckpt.pt", weights_only=True)
     assert len(ckpt["rank_state"]) == 2
+
+
+def test_study_sh_documents_exactly_the_arms_it_runs():
+    # study.sh's header lists the arms a user can put in ARMS; run_arm's case statement is what runs them
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.sh")).read()
+    header = text[text.index("# Every arm then"):text.index("# Then eval.py compare")]
+    documented = {arm for line in re.findall(r"^#   ([a-z][a-z0-9-]*(?:, [a-z][a-z0-9-]*)*)(?:\s|$)", header, re.M)
+                  for arm in line.split(", ")}
+    body = text[text.index("run_arm() {"):text.index("esac")]
+    runnable = {arm for labels in re.findall(r"^    ([a-z][a-z0-9|-]*)\)", body, re.M) for arm in labels.split("|")}
+    assert documented == runnable, (documented - runnable, runnable - documented)
+    assert {"scratch", "nca", "nca-band-mid", "dyck-w256"} <= runnable
