@@ -678,7 +678,7 @@ def plot_compare(arms, out, stage, baseline=None):
                 draw(ax, name, tokens[1:], mean[1:], std[1:])  # from the first eval after training began
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel(f"{stage} tokens (matched language tokens)")
-        ax.set_ylabel(f"validation loss - {baseline} (same seed; below 0 is better)")
+        ax.set_ylabel(f"validation loss - {baseline}\n(same seed; below 0 is better)")
         ax.grid(alpha=0.3)
     save_figure(fig, out)
 
