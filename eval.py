@@ -1,25 +1,20 @@
 """
-Evaluate what train.py made: perplexity, NCA in-context accuracy, an in-context learning probe, run comparisons,
-pass@k, export to Hugging Face.
+Evaluate what train.py made: perplexity, NCA in-context accuracy, an in-context learning probe, pass@k, export to
+Hugging Face. Comparing several runs (study.sh's arms) is study.py's.
 
   python eval.py perplexity --ckpt out/nca/pretrain/ckpt.pt                 # loss and ppl on the whole val split
   python eval.py icl --ckpt out/nca/prepretrain/ckpt.pt                     # accuracy on held-out rules vs context
   python eval.py probe --ckpt out/nca/prepretrain/ckpt.pt                   # in-context + induction scores, loss plot
-  python eval.py compare --runs out/scratch out/nca out/dyck --out compare.png
-  python eval.py compare --runs 'out/study/*' --baseline scratch            # <arm>_seed<k> runs -> mean +- std
-  python eval.py probes --runs 'out/study/*' --out probe_vs_gain.png       # in-context probe vs the stage-2 gain
   python eval.py passk --ckpt out/nca/finetune/ckpt.pt --n 16 --k 1 2 4 8   # unbiased pass@k and greedy accuracy
   python eval.py export --ckpt out/nca/pretrain/ckpt.pt --out_dir hf_model  # LlamaForCausalLM.from_pretrained(dir)
 
 Every subcommand has --help. Checkpoints are rebuilt from their own model_args, so no model flag is needed.
 """
 import argparse
-import glob
 import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -31,7 +26,8 @@ import torch.nn.functional as F
 
 import nca
 from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
-from model import GPT, ModelConfig, load_checkpoint
+from model import GPT, ModelConfig
+from safety import load_checkpoint
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -456,325 +452,6 @@ def run_probe(args):
     return results
 
 # -----------------------------------------------------------------------------
-# comparing runs: curves, final loss, convergence speed-up
-
-
-def read_log(run_dir, stage):
-    """(stage tokens, prior tokens, val losses) of one run's stage, as arrays in iteration order."""
-    path = os.path.join(run_dir, stage, "log.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no log at {path}; did the run finish stage {stage}? (--stage picks another)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    by_iter = {r["iter"]: r for r in records if r.get("val_loss") is not None}  # on a repeat, the later one counts
-    if not by_iter:
-        raise ValueError(f"{path} has no evaluation yet")
-    records = [by_iter[i] for i in sorted(by_iter)]
-    return tuple(np.array([r[key] for r in records], dtype=float) for key in ("tokens", "prior_tokens", "val_loss"))
-
-
-def tokens_to_reach(tokens, losses, target):
-    """Tokens at which a curve first reaches `target`, interpolated linearly between eval points; None if never."""
-    hits = np.flatnonzero(losses <= target)
-    if len(hits) == 0:
-        return None
-    i = hits[0]
-    if i == 0:
-        return tokens[0]
-    fraction = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
-    return tokens[i - 1] + fraction * (tokens[i] - tokens[i - 1])
-
-
-def speedup(baseline_curve, curve):
-    """Tokens the baseline needed to reach its final loss / tokens `curve` needed to reach the same loss.
-    Curves are (tokens, losses) arrays. None when the curve never reaches it (a speed-up below 1 then)."""
-    target = baseline_curve[1][-1]
-    needed = tokens_to_reach(*curve, target)
-    if needed is None:
-        return None
-    return tokens_to_reach(*baseline_curve, target) / needed if needed > 0 else math.inf
-
-
-def expand_runs(patterns):
-    """Run folders from names and glob patterns (quoted patterns reach us unexpanded)."""
-    runs = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise FileNotFoundError(f"--runs: {pattern} matches no folder")
-        runs += matches
-    return runs
-
-
-def unfinished(run_dir, stage):
-    """Why a run's stage is not finished (no evaluation yet, or its last one short of the iterations its checkpoint
-    planned), or None. A study still running must not enter a table with the loss it has reached so far. A log with
-    no checkpoint beside it counts as finished: nothing says otherwise."""
-    record, ckpt_path = final_record(run_dir, stage), os.path.join(run_dir, stage, "ckpt.pt")
-    if record is None:
-        return f"no {stage} evaluation yet"
-    if os.path.exists(ckpt_path):
-        planned = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)["config"].get(f"{stage}_iters")
-        if planned is not None and record["iter"] < planned:
-            return f"{stage} is at iteration {record['iter']} of {planned}"
-    return None
-
-
-def finished_runs(run_dirs, required, optional=()):
-    """The runs whose required stages, and the optional ones they have, are finished; the others are named and left
-    out."""
-    kept = []
-    for run in run_dirs:
-        stages = list(required) + [s for s in optional if os.path.isdir(os.path.join(run, s))]
-        why = next(filter(None, (unfinished(run, s) for s in stages)), None)
-        if why is None:
-            kept.append(run)
-        else:
-            print(f"left out {run}: {why}")
-    return kept
-
-
-def arm_of(run_dir):
-    """(arm, seed) of a run: runs named <arm>_seed<k> are repeats of one arm; any other run is an arm of its own
-    (seed None)."""
-    name = os.path.basename(os.path.normpath(run_dir))
-    match = re.fullmatch(r"(.+)_seed(\d+)", name)
-    return (match.group(1), int(match.group(2))) if match else (name, None)
-
-
-def mean_curve(curves):
-    """Mean and std of (tokens, losses) curves on the first one's eval points, where all of them have data."""
-    tokens = curves[0][0][curves[0][0] <= min(t[-1] for t, _ in curves)]
-    losses = np.stack([np.interp(tokens, t, l) for t, l in curves])
-    std = losses.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(tokens))
-    return tokens, losses.mean(axis=0), std
-
-
-def mean_std(values, digits, suffix=""):
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}{suffix}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}{suffix}"
-
-
-def format_speedups(speedups, bounds):
-    """Speed-ups of an arm's runs; a run that never reached the target has an upper bound (baseline tokens / its
-    own last tokens) instead."""
-    reached = [s for s in speedups if s is not None]
-    if not reached:
-        return f"<{max(bounds):.2f}x (never reached)"
-    text = mean_std(reached, 2, "x")
-    return text if len(reached) == len(speedups) else f"{text} ({len(reached)}/{len(speedups)} reached)"
-
-
-def compare_runs(run_dirs, stage="pretrain", baseline=None):
-    """Read every run's log, group runs into arms, and measure each arm against the baseline arm.
-    Returns (arms: {arm: {"runs", "curves", "total_curves"}}, rows: one summary dict per arm, baseline arm)."""
-    arms = {}
-    for run in run_dirs:
-        tokens, prior, losses = read_log(run, stage)
-        name, seed = arm_of(run)
-        arm = arms.setdefault(name, {"runs": [], "seeds": [], "curves": [], "total_curves": []})
-        arm["runs"].append(run)
-        arm["seeds"].append(seed)
-        arm["curves"].append((tokens, losses))
-        arm["total_curves"].append((prior + tokens, losses))  # matched total compute: earlier stages count too
-    if baseline is None:
-        scratch = [a for a in arms if "scratch" in a]
-        if len(scratch) > 1:
-            raise ValueError(f"several arms look like the baseline ({', '.join(scratch)}); pick one with --baseline")
-        baseline = scratch[0] if scratch else next(iter(arms))
-    if baseline not in arms:
-        raise ValueError(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
-    base, base_total = mean_curve(arms[baseline]["curves"]), mean_curve(arms[baseline]["total_curves"])
-    base_tokens = tokens_to_reach(base[0], base[1], base[1][-1])
-    base_total_tokens = tokens_to_reach(base_total[0], base_total[1], base_total[1][-1])
-    base_by_seed = dict(zip(arms[baseline]["seeds"], arms[baseline]["curves"]))
-    rows = []
-    for name, arm in arms.items():
-        finals = [losses[-1] for _, losses in arm["curves"]]
-        # the paired view: each run against the baseline run of the same seed (same stage-2 data order), which
-        # removes the seed-to-seed spread that both arms share
-        paired = [] if name == baseline else [f - base_by_seed[seed][1][-1]
-                                              for seed, f in zip(arm["seeds"], finals) if seed in base_by_seed]
-        rows.append({
-            "arm": name, "runs": len(arm["runs"]), "final_loss": finals,
-            "change": [100 * (f / base[1][-1] - 1) for f in finals],
-            "ppl_change": [100 * (math.exp(f - base[1][-1]) - 1) for f in finals],
-            "speedup": [speedup(base[:2], c) for c in arm["curves"]],
-            "speedup_bound": [base_tokens / c[0][-1] for c in arm["curves"]],
-            "speedup_total": [speedup(base_total[:2], c) for c in arm["total_curves"]],
-            "speedup_total_bound": [base_total_tokens / c[0][-1] for c in arm["total_curves"]],
-            "paired": paired,
-        })
-    return arms, rows, baseline
-
-
-def markdown_table(rows, baseline):
-    lines = [f"| arm | runs | final val loss | final ppl | loss vs {baseline} | ppl vs {baseline} | "
-             f"speed-up (language tokens) | speed-up (total tokens) | loss - {baseline}, same seed (lower in) |",
-             "|" + " --- |" * 9]
-    for r in sorted(rows, key=lambda r: r["arm"] != baseline):  # the baseline first, then the arms in order
-        paired = "-"
-        if r["paired"]:
-            lower = sum(d < 0 for d in r["paired"])
-            paired = f"{mean_std(r['paired'], 4)} ({lower}/{len(r['paired'])})"
-        lines.append(f"| {r['arm']} | {r['runs']} | {mean_std(r['final_loss'], 4)} | "
-                     f"{mean_std([math.exp(f) for f in r['final_loss']], 3)} | {mean_std(r['change'], 1, '%')} | "
-                     f"{mean_std(r['ppl_change'], 1, '%')} | {format_speedups(r['speedup'], r['speedup_bound'])} | "
-                     f"{format_speedups(r['speedup_total'], r['speedup_total_bound'])} | {paired} |")
-    return "\n".join(lines)
-
-
-def difference_curve(arm, base_arm):
-    """Mean and std over an arm's runs of (its loss - the baseline's loss) at the baseline's eval points (language
-    tokens); each run is paired with the baseline run of its seed, or with the baseline mean if there is none."""
-    base_by_seed = dict(zip(base_arm["seeds"], base_arm["curves"]))
-    base_tokens, base_mean, _ = mean_curve(base_arm["curves"])
-    tokens = base_tokens[base_tokens <= min(t[-1] for t, _ in arm["curves"])]
-    diffs = []
-    for seed, (t, losses) in zip(arm["seeds"], arm["curves"]):
-        reference = np.interp(tokens, *base_by_seed[seed]) if seed in base_by_seed else base_mean[:len(tokens)]
-        diffs.append(np.interp(tokens, t, losses) - reference)
-    diffs = np.stack(diffs)
-    std = diffs.std(axis=0, ddof=1) if len(diffs) > 1 else np.zeros(len(tokens))
-    return tokens, diffs.mean(axis=0), std
-
-
-def plot_compare(arms, out, stage, baseline=None):
-    """Validation loss of every arm (mean +- std over seeds) against language tokens and against all tokens; with a
-    baseline, a third panel shows each arm's loss minus the baseline's, where differences of 1% are visible."""
-    plt = pyplot()
-
-    fig, panels = plt.subplots(1, 3 if baseline else 2, figsize=(18 if baseline else 12, 4.5))
-    colours = {name: f"C{i}" for i, name in enumerate(arms)}
-
-    def draw(ax, name, tokens, mean, std):
-        n = len(arms[name]["runs"])
-        ax.plot(tokens, mean, color=colours[name], label=f"{name} (mean of {n})" if n > 1 else name)
-        if n > 1:
-            ax.fill_between(tokens, mean - std, mean + std, color=colours[name], alpha=0.2)
-
-    tops = []
-    for ax, key, xlabel in ((panels[0], "curves", f"{stage} tokens (matched language tokens)"),
-                            (panels[1], "total_curves", "all tokens, earlier stages included (matched total compute)")):
-        for name, arm in arms.items():
-            tokens, mean, std = mean_curve(arm[key])
-            draw(ax, name, tokens, mean, std)
-            tops.append(mean[min(1, len(mean) - 1)])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-    # the loss at iteration 0 (about ln V for a fresh head) would flatten everything after it, so cut the view at
-    # the first evaluation after training began
-    bottom = min(min(losses.min() for _, losses in arm["curves"]) for arm in arms.values())
-    for ax in panels[:2]:
-        ax.set_ylim(bottom - 0.02 * abs(bottom), max(tops) * 1.02)
-    panels[0].legend()
-    if baseline:
-        ax = panels[2]
-        for name, arm in arms.items():
-            if name != baseline:
-                tokens, mean, std = difference_curve(arm, arms[baseline])
-                draw(ax, name, tokens[1:], mean[1:], std[1:])  # from the first eval after training began
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel(f"{stage} tokens (matched language tokens)")
-        ax.set_ylabel(f"validation loss - {baseline}\n(same seed; below 0 is better)")
-        ax.grid(alpha=0.3)
-    save_figure(fig, out)
-
-
-def run_compare(args):
-    arms, rows, baseline = compare_runs(finished_runs(expand_runs(args.runs), [args.stage]), args.stage, args.baseline)
-    table = markdown_table(rows, baseline)
-    print(table)
-    plot_compare(arms, args.out, args.stage, baseline)
-    return table
-
-def final_record(run_dir, stage):
-    """The last evaluation record of a run's stage, or None when the run has no such stage."""
-    path = os.path.join(run_dir, stage, "log.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return records[-1] if records else None
-
-
-def probe_rows(run_dirs, baseline="scratch"):
-    """Per run: its arm, seed, the probe at the end of stage 1 and of stage 2, and its stage-2 gain: final val loss
-    minus the baseline run's of the same seed (same stage-2 data order; negative = better than the baseline)."""
-    runs = [(run, *arm_of(run)) for run in run_dirs]
-    base = {seed: final_record(run, "pretrain")["val_loss"] for run, arm, seed in runs if arm == baseline}
-    if not base:
-        raise ValueError(f"--baseline {baseline!r}: none of the runs is of that arm")
-    rows = []
-    for run, arm, seed in runs:
-        stage1, stage2 = final_record(run, "prepretrain"), final_record(run, "pretrain")
-        rows.append({"arm": arm, "seed": seed, "gain": stage2["val_loss"] - base[seed] if seed in base else None,
-                     **{f"{key}_{n}": (s or {}).get(key) for n, s in ((1, stage1), (2, stage2))
-                        for key in ("icl_score", "induction_score")}})
-    return rows
-
-
-def probe_table(rows, baseline):
-    """Markdown: per arm, the paired gain over the baseline and the probe values at the end of each stage."""
-    keys = ("gain", "icl_score_1", "induction_score_1", "icl_score_2", "induction_score_2")
-    lines = [f"| arm | runs | loss - {baseline}, same seed (lower in) | in-context score, end of stage 1 | "
-             f"induction score, end of stage 1 | in-context score, end of stage 2 | induction score, end of stage 2 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        mine = [r for r in rows if r["arm"] == arm]
-        cells = []
-        for key in keys:
-            values = [r[key] for r in mine if r[key] is not None]
-            if not values or (key == "gain" and arm == baseline):
-                cells.append("-")
-                continue
-            cells.append(f"{np.mean(values):+.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}" +
-                         (f" ({sum(v < 0 for v in values)}/{len(values)})" if key == "gain" else ""))
-        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def probe_points(rows):
-    """The runs with both an in-context score after stage 1 and a paired gain, and Pearson's r between the two
-    (None for fewer than 3 runs)."""
-    points = [r for r in rows if r["icl_score_1"] is not None and r["gain"] is not None]
-    if len(points) < 3:
-        return points, None
-    return points, float(np.corrcoef([p["icl_score_1"] for p in points], [p["gain"] for p in points])[0, 1])
-
-
-def plot_probe_vs_gain(rows, out, baseline):
-    """Every run with a stage 1 as a point: its in-context score at the end of stage 1 (x) against its stage-2 gain
-    over the baseline of the same seed (y), coloured by arm."""
-    plt = pyplot()
-
-    points, corr = probe_points(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in points)):
-        mine = [r for r in points if r["arm"] == arm]
-        ax.scatter([r["icl_score_1"] for r in mine], [r["gain"] for r in mine], label=arm, color=f"C{i}", s=30)
-    ax.axhline(0, color="black", linewidth=0.8)
-    if corr is not None:
-        ax.set_title(f"{len(points)} runs, Pearson r = {corr:+.2f}", fontsize=9)
-    ax.set_xlabel("in-context score after stage 1 (late - early loss, nats; lower: more use of context)", fontsize=8)
-    ax.set_ylabel(f"stage-2 final loss - {baseline}, same seed (nats)", fontsize=8)
-    if points:
-        ax.legend(fontsize=7, loc="best")
-    save_figure(fig, out)
-
-
-def run_probes(args):
-    rows = probe_rows(finished_runs(expand_runs(args.runs), ["pretrain"], ["prepretrain"]), args.baseline)
-    print(probe_table(rows, args.baseline))
-    points, corr = probe_points(rows)
-    if corr is not None:
-        print(f"in-context score after stage 1 against the gain: Pearson r = {corr:+.2f} over {len(points)} runs")
-    plot_probe_vs_gain(rows, args.out, args.baseline)
-    return rows
-
-# -----------------------------------------------------------------------------
 # pass@k on stage-3 tasks
 
 
@@ -911,14 +588,12 @@ def build_parser():
     def command(name, function, help):
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(function=function)
-        if name not in ("compare", "probes"):
-            sub.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/<run>/<stage>/ckpt.pt")
-            sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
+        sub.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/<run>/<stage>/ckpt.pt")
+        sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
         return sub
 
     add_text_commands(command)
     add_context_commands(command)
-    add_run_commands(command)
     return parser
 
 
@@ -969,21 +644,6 @@ def add_context_commands(command):
     sub.add_argument("--seed", type=int, help="seed of the held-out NCA rules (default: the training run's) or of "
                                               "the text windows (default: 1234, train.py's)")
     sub.add_argument("--out", help="plot of loss by position (default: probe.png next to the checkpoint)")
-
-
-def add_run_commands(command):
-    """compare and probes: several runs (study.sh's <arm>_seed<k> folders) against a baseline arm."""
-    sub = command("compare", run_compare, "validation curves of several runs, final loss and convergence speed-up")
-    sub.add_argument("--runs", nargs="+", required=True, help="run folders (train.py --out_dir) or glob patterns")
-    sub.add_argument("--stage", default="pretrain", choices=("prepretrain", "pretrain", "finetune"),
-                     help="whose validation curves to compare")
-    sub.add_argument("--baseline", help="arm to compare against (default: the one whose name contains 'scratch')")
-    sub.add_argument("--out", default="compare.png", help="where to write the plot")
-
-    sub = command("probes", run_probes, "the probe at the end of each stage against the stage-2 gain, per arm")
-    sub.add_argument("--runs", nargs="+", required=True, help="run folders (<arm>_seed<k>) or glob patterns")
-    sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, seed by seed")
-    sub.add_argument("--out", default="probe_vs_gain.png", help="where to write the scatter plot")
 
 
 POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")

@@ -18,12 +18,9 @@ Usage:
     logits, loss = model(idx, targets)                # idx, targets: (B, T) int64, -1 in targets = no loss
     out = model.generate(idx, 100, temperature=0.4, top_p=0.95)   # with a KV cache; use_cache=False re-runs
     text_model = transfer(nca_state_dict, ModelConfig(vocab_size=257))   # carries attention, MLP, norms
-    estimate_memory(ModelConfig(n_layer=24, n_embd=2048), batch_size=8)["total"]   # bytes, before building it
-    checkpoint = load_checkpoint("out/pretrain/ckpt.pt")   # train.py's checkpoint, to the CPU, no code run
 """
 
 import math
-import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -306,85 +303,6 @@ class GPT(nn.Module):
         print(f"optimizer: AdamW, {sum(p.numel() for p in decay):,} decayed and "
               f"{sum(p.numel() for p in no_decay):,} non-decayed trainable parameters, fused={fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def estimate_memory(config: ModelConfig, batch_size, dtype="bfloat16", grad_accum=1):
-    """Bytes that a training step of GPT(config) needs at its peak, from the config alone (nothing is allocated),
-    to choose --batch_size before a run. batch_size is the micro-batch, of block_size tokens per row; dtype is
-    the autocast dtype ("float32": no autocast); every parameter is taken as trainable. Returns a dict:
-      weights           float32 master weights, 4 bytes per parameter
-      gradients         float32, 4 per parameter
-      adamw             exp_avg and exp_avg_sq, 8 per parameter
-      autocast_weights  the copy in dtype of every linear weight that autocast makes and backward keeps
-      activations       what the forward keeps for backward (formula below), batch_size * block_size tokens
-      logits            (a + 12) bytes per token and vocabulary entry, all alive as backward starts: the
-                        logits in dtype, the float32 log-probabilities cross-entropy keeps, their gradient and
-                        the gradient of the float32 logits
-      total             the peak of every step after the first (the first makes the AdamW state at its end),
-                        with grad_accum = 1 (grads set to None after each step, as train.py does):
-                        weights + adamw + max(autocast_weights + activations + logits, gradients), since backward
-                        frees activations as it makes gradients; with grad_accum > 1 all of it at once
-      per_token_layer   activations of one token in one layer (the formula)
-    Activations of one token in one layer, in bytes, with a = bytes of dtype, C = n_embd, H = hidden_dim:
-      RMSNorm x 2        16C + 8    float32 input and normalised output, 1/rms (the residual stream is float32)
-      linear inputs      5aC        autocast casts the norm's output separately for q, k, v, gate and up
-                         (8C)       float32: the two norms' outputs, each shared by its linears
-      attention          4aC + 4nh  rotated q, k, v and the output (which is o_proj's input), log-sum-exp
-      SwiGLU             4aH        gate, silu(gate), up and their product (down_proj's input)
-    = 34C + 8H + 4nh + 8 in bfloat16 (132.1 KiB at C=2048, H=8192, nh=16; 132.6 KiB was measured on a GPU),
-      40C + 16H + 4nh + 8 in float32. Plus per token: input ids and targets (16), the final norm (8C + 4) and
-    lm_head's input (aC, or 4C in float32); plus, under autocast, each layer's casts of the rotary tables.
-    Assumes a fused attention kernel (flash or memory-efficient, as on GPUs and in CPU builds of torch 2.x):
-    O(T) per head. The math fallback would also keep (B, nh, T, T) attention weights per layer. Not counted:
-    the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation (leave ~10% headroom), and
-    torch.compile, which fuses element-wise ops and keeps less. Checked on CPU (test_smoke.py): activations
-    exactly as autograd saves them; total within 3% of a step's peak resident memory."""
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
-    a = DTYPE_BYTES[dtype]
-    autocast = dtype != "float32"
-    C, H, nh, T, V, L = (config.n_embd, config.hidden_dim, config.n_head, config.block_size, config.vocab_size,
-                         config.n_layer)
-    tokens = batch_size * T
-    linear_params = L * (4 * C * C + 3 * C * H) + V * C  # attention, MLP, lm_head
-    params = linear_params + V * C + L * 2 * C + C  # + embedding table, norm gains
-    per_token_layer = (16 * C + 8) + (5 * a * C if autocast else 8 * C) + (4 * a * C + 4 * nh) + 4 * a * H
-    per_token_outside = 16 + (8 * C + 4) + (a * C if autocast else 4 * C)
-    rope_casts = L * 4 * T * (C // nh) * a if autocast else 0  # cos and sin, for q and for k
-    memory = {
-        "weights": 4 * params,
-        "gradients": 4 * params,
-        "adamw": 8 * params,
-        "autocast_weights": a * linear_params if autocast else 0,
-        "activations": tokens * (L * per_token_layer + per_token_outside) + rope_casts,
-        "logits": tokens * V * (a + 4 + 4 + 4),
-        "per_token_layer": per_token_layer,
-    }
-    in_flight = memory["autocast_weights"] + memory["activations"] + memory["logits"]
-    if grad_accum > 1:  # later micro-steps run forward and backward with every gradient held
-        in_flight += memory["gradients"]
-    memory["total"] = memory["weights"] + memory["adamw"] + max(in_flight, memory["gradients"])
-    return memory
-
-
-def load_checkpoint(path, flag="", mmap=False):
-    """A checkpoint of train.py, always loaded to the CPU: the caller moves what runs (weights with model.to,
-    optimizer state with optimizer.load_state_dict), and the RNG states stay CPU byte tensors, the only kind
-    generators accept. weights_only=True: loading builds tensors and plain containers, never runs code from the file.
-    mmap=True reads tensors lazily (to look at the settings of a big checkpoint). flag names the flag in messages."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag}{path}: no checkpoint file at that path; train.py writes out_dir/<stage>/ckpt.pt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
-                         f"give a ckpt.pt written by train.py") from e
-    if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
-        raise ValueError(f"{flag}{path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
-    return checkpoint
 
 
 def param_group(name: str) -> str:

@@ -11,23 +11,18 @@ inferring that hidden rule in context. Read this file top to bottom:
   5. gzip filter       keep rules whose rollouts compress neither too well (dead) nor too badly (noise)
   6. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full;
                        a pure function of (seed, config) whatever the chunk or device, its state a few integers
-  7. command line      a picture of rollouts, gzip statistics and a throughput benchmark
 
-Examples:
-  python nca.py                       # demo: writes nca_demo.png (rollouts by gzip band + histogram), prints speed
-  python nca.py --stats 2000          # gzip-ratio deciles and acceptance rate of 2000 random rules
-  python nca.py --bench               # filtered training tokens per second at the paper's settings
-  python nca.py --bench --device cuda --chunk 8192   # on a GPU: more rules per tensor program
-  python nca.py --num_colors 4 --band 0.25 1.0 --stats 2000   # another alphabet needs another band
-  python nca.py --num_colors 4 --stats 2000 --quantiles 0.2 0.4 0.6 0.8   # low/middle/high bands as --band
+Used by train.py (NCAStream) and eval.py; the tools beside it: `python study.py demo` draws rollouts by gzip band,
+`python study.py stats` prints gzip statistics, `python bench.py nca` measures the stream's speed.
+
+  stream = NCAStream(NCAConfig(), batch_size=16, seq_len=1024, seed=0)
+  x, y = stream.next_batch()        # (16, 1024) token ids each; y is x shifted by one, the first frame masked (-1)
 """
-import argparse
 import functools
 import math
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -98,6 +93,22 @@ class NCAConfig:
 
 
 MAX_VOCAB = 2 ** 16  # token ids must fit the uint16 format the rest of the pipeline uses
+
+
+def add_config_flags(parser):
+    """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
+    for f in fields(NCAConfig):
+        if f.name in ("band_lo", "band_hi"):
+            continue
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
+    parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
+                        metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
+
+
+def config_from_args(args):
+    kw = {f.name: getattr(args, f.name) for f in fields(NCAConfig) if f.name not in ("band_lo", "band_hi")}
+    return NCAConfig(**kw, band_lo=args.band[0], band_hi=args.band[1]).validate()
+
 
 # -----------------------------------------------------------------------------
 # 2. Counter-based random numbers
@@ -521,207 +532,3 @@ class NCAStream:
     def __iter__(self):
         while True:
             yield self.next_batch()
-
-
-# -----------------------------------------------------------------------------
-# 7. Command line: demo picture, statistics, benchmark
-
-def random_ratios(cfg, n, seed=0, device="cpu", chunk=512):
-    """gzip ratios of n random (unfiltered) rules: the first n rules an NCAStream with this seed tries."""
-    out = []
-    for i in range(0, n, chunk):
-        index = torch.arange(i, min(i + chunk, n), device=device)
-        out.append(score_rules(stream_seeds(seed, RULE_SEEDS, index), stream_seeds(seed, GRID_SEEDS, index), cfg)[0])
-    return np.concatenate(out)
-
-
-def quantile_bands(ratios, quantiles):
-    """The bands between consecutive quantiles of the ratios, as (q_lo, q_hi, LO, HI, fraction of the ratios with
-    LO < ratio < HI). LO is rounded up and HI down to 3 decimals, so a band never takes in the tied ratios at its
-    edge (many dead rules share one ratio); quantile 0 gives LO 0.0 and quantile 1 gives HI 1.0 (the largest band
-    allowed) rather than the sample's extremes, which new rules may pass. LO >= HI: quantiles equal to 3 decimals."""
-    values = np.quantile(ratios, quantiles)
-    bands = []
-    for (qa, a), (qb, b) in zip(zip(quantiles, values), zip(quantiles[1:], values[1:])):
-        lo = 0.0 if qa == 0 else math.ceil(round(a * 1000, 6)) / 1000
-        hi = 1.0 if qb == 1 else math.floor(round(b * 1000, 6)) / 1000
-        bands.append((qa, qb, lo, hi, float(((ratios > lo) & (ratios < hi)).mean())))
-    return values, bands
-
-
-def band_names(k):
-    return {2: ("low", "high"), 3: ("low", "middle", "high")}.get(k, [f"band {i + 1}" for i in range(k)])
-
-
-def print_stats(cfg, n, device, quantiles=()):
-    """Deciles and acceptance of the current band for n random rules; with quantiles, the ratio at each and the
-    bands between consecutive ones as --band flags (e.g. low, middle and high complexity for another alphabet)."""
-    ratios = random_ratios(cfg, n, device=device)
-    deciles = np.quantile(ratios, np.linspace(0, 1, 11))
-    print("gzip_deciles: " + " ".join(f"{d:.3f}" for d in deciles))
-    print(f"accept_rate: {in_band(ratios, cfg).mean():.3f} (band {cfg.band_lo} < ratio < {cfg.band_hi}, "
-          f"{n} rules, mean ratio {ratios.mean():.3f})")
-    if not quantiles:
-        return
-    values, bands = quantile_bands(ratios, list(quantiles))
-    print("gzip_quantiles: " + " ".join(f"{q:g}:{v:.3f}" for q, v in zip(quantiles, values)))
-    for name, (qa, qb, lo, hi, accepted) in zip(band_names(len(bands)), bands):
-        if lo >= hi:
-            print(f"{name}: none (quantiles {qa:g} and {qb:g} are both ~{values[quantiles.index(qa)]:.3f})")
-        else:
-            print(f"{name}: --band {lo:.3f} {hi:.3f} (quantiles {qa:g}-{qb:g}, accepts {accepted:.3f} of these "
-                  f"rules)")
-
-
-def synchronize(device):
-    """Wait for queued GPU work, so that a timer measures work done, not work launched."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
-    """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
-    wait for: rejection sampling with gzip included), and the gzip filter alone in rules per second."""
-    chunk, frames = chunk or default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
-    seeds = torch.arange(chunk, device=device)
-    raw_tokens, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 4:
-        grid = initial_grids(seeds + raw_tokens, cfg)
-        out = rollout(grid, sample_rules(seeds + raw_tokens, cfg.num_colors), seeds, 0, frames, cfg, skip=cfg.burn_in)
-        raw_tokens += encode(out[0], cfg)[:, :seq_len].numel()
-    synchronize(device)
-    raw = raw_tokens / (time.perf_counter() - t0)
-
-    ids = patch_ids(score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
-    gzipped, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 8:
-        gzip_ratio(ids)
-        gzipped += len(ids)
-    gzip_rules = gzipped / (time.perf_counter() - t0)
-
-    stream = NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
-    stream.next_batch()  # warm up
-    tokens, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x, _ = stream.next_batch()
-        tokens += x.numel()
-    synchronize(device)
-    acceptance = stream.accepted / stream.tried
-    return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": acceptance,
-            "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len,
-            "chunk": chunk}
-
-
-def bench(cfg, device, seconds=10.0, chunk=0):
-    """The paper's sequence length (1024); prints tokens_per_s=<filtered tokens/s> last."""
-    speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds, chunk=chunk)
-    print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
-          f"({speed['rules_tried']:,} rules tried), device {device}, {speed['chunk']} rules per chunk, "
-          f"{torch.get_num_threads()} threads")
-    print(f"gzip filter alone: {speed['gzip_rules']:,.0f} rules/s on the CPU, a ceiling of "
-          f"{speed['gzip_ceiling']:,.0f} filtered tokens/s (more threads: OMP_NUM_THREADS)")
-    print(f"tokens_per_s={speed['filtered']:.0f}")
-
-
-def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
-    """The picture to look at first: one rule from each gzip band and i.i.d. noise, each as its frames and, below
-    them, the cells that changed since the frame before; then the histogram of the ratios, with the band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    index = torch.arange(num_rules, device=device)
-    rule_seeds, grid_seeds = stream_seeds(0, RULE_SEEDS, index), stream_seeds(0, GRID_SEEDS, index)
-    t0 = time.perf_counter()
-    ratios, frames, _, _, _ = score_rules(rule_seeds, grid_seeds, cfg)
-    dt = time.perf_counter() - t0
-    print(f"simulated and scored {num_rules} rules x {cfg.burn_in + cfg.score_frames} steps in {dt:.2f}s "
-          f"({num_rules * cfg.score_frames * cfg.frame_len / dt:,.0f} raw tokens/s)")
-    noise = torch.randint(cfg.num_colors, (1, cfg.score_frames, cfg.grid, cfg.grid), device=device,
-                          generator=torch.Generator(device).manual_seed(0))
-    examples = []  # (title, frames): the rule of median ratio in each band, then noise
-    for name, lo, hi in [("low", 0.0, 0.3), ("middle", 0.3, 0.5), ("high", 0.5, 1.0)]:
-        members = np.flatnonzero((ratios > lo) & (ratios < hi))
-        if len(members):
-            pick = members[np.argsort(ratios[members])[len(members) // 2]]
-            examples.append((f"{name} band ({lo}, {hi}), gzip {ratios[pick]:.2f}", frames[pick].cpu()))
-    examples.append((f"i.i.d. noise, gzip {gzip_ratio(patch_ids(noise, cfg).cpu())[0]:.2f}", noise[0].cpu()))
-    rows = 2 * len(examples)
-    fig, axes = plt.subplots(rows + 1, frames_shown, figsize=(1.5 * frames_shown, 1.6 * (rows + 1.5)))
-    for e, (title, rollout) in enumerate(examples):
-        changed = (rollout[1:] != rollout[:-1]).float().mean().item()
-        for j in range(frames_shown):
-            top, bottom = axes[2 * e, j], axes[2 * e + 1, j]
-            top.imshow(rollout[j], cmap="tab10", vmin=0, vmax=max(cfg.num_colors - 1, 9))
-            if j > 0:
-                bottom.imshow(rollout[j] != rollout[j - 1], cmap="gray_r", vmin=0, vmax=1)
-            top.axis("off")
-            bottom.axis("off")
-        axes[2 * e, 0].set_title(title, fontsize=8, loc="left")
-        axes[2 * e + 1, 1].set_title(f"changed cells (black): {changed:.0%} per step", fontsize=8, loc="left")
-    for ax in axes[rows]:
-        ax.remove()
-    hist = fig.add_subplot(rows + 1, 1, rows + 1)
-    hist.hist(ratios, bins=50, color="gray")
-    for edge in (cfg.band_lo, cfg.band_hi):
-        hist.axvline(edge, color="red", linestyle="--")
-    hist.axvline(float(examples[-1][0].split()[-1]), color="black", linestyle=":")
-    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {in_band(ratios, cfg).mean():.0%} "
-                    f"accepted; dotted: noise)", fontsize=8)
-    fig.suptitle(f"NCA rollouts, {cfg.grid}x{cfg.grid}, {cfg.num_colors} colours; frames left to right, dT={cfg.dT}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    print(f"wrote {out}")
-
-
-def add_config_flags(parser):
-    """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
-    for f in fields(NCAConfig):
-        if f.name in ("band_lo", "band_hi"):
-            continue
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
-    parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
-                        metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
-
-
-def config_from_args(args):
-    kw = {f.name: getattr(args, f.name) for f in fields(NCAConfig) if f.name not in ("band_lo", "band_hi")}
-    return NCAConfig(**kw, band_lo=args.band[0], band_hi=args.band[1]).validate()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser)
-    parser.add_argument("--stats", type=int, default=0, metavar="N", help="print gzip deciles of N random rules")
-    parser.add_argument("--quantiles", type=float, nargs="+", default=(), metavar="Q",
-                        help="with --stats: the gzip ratio at these quantiles (0..1, ascending) and the bands "
-                             "between them as --band flags, e.g. --quantiles 0.2 0.4 0.6 0.8")
-    parser.add_argument("--bench", action="store_true", help="print filtered training tokens/s (paper settings)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where rules are simulated: cpu or cuda (default: cuda when torch sees a GPU)")
-    parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
-    parser.add_argument("--out", default="nca_demo.png", help="where the demo writes its picture")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.chunk < 0:
-        parser.error(f"--chunk must be >= 0 (0 picks by device), got {args.chunk}")
-    if args.quantiles and not args.stats:
-        parser.error("--quantiles needs --stats N (the number of random rules to take quantiles of)")
-    if any(not 0 <= q <= 1 for q in args.quantiles) or any(a >= b for a, b in zip(args.quantiles, args.quantiles[1:])):
-        parser.error(f"--quantiles must be ascending numbers in [0, 1], got {args.quantiles}")
-    print("config:", asdict(cfg))
-    if args.stats:
-        print_stats(cfg, args.stats, args.device, args.quantiles)
-    elif args.bench:
-        bench(cfg, args.device, chunk=args.chunk)
-    else:
-        demo(cfg, args.device, out=args.out)
-        bench(cfg, args.device, seconds=5.0, chunk=args.chunk)
-
-
-if __name__ == "__main__":
-    main()

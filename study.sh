@@ -34,7 +34,7 @@
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
 #   nca-long           3x the stage-1 tokens (1500 iterations, 6.1M tokens)
 #   dyck-long          the same for the Dyck control: does NCA pull ahead of Dyck with more stage-1 tokens?
-# Then eval.py compare writes the table and plot of stage-2 validation loss against the scratch arm (scratch-w256 when
+# Then study.py compare writes the table and plot of stage-2 validation loss against the scratch arm (scratch-w256 when
 # ARMS has a w256 arm).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -89,4 +89,4 @@ done
 wait
 BASE=scratch; case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; esac  # a model is compared with its own width
 RUNS=$(for arm in $BASE $ARMS; do echo "$OUT/${arm}_seed*"; done | sort -u)  # these arms against the baseline
-python eval.py compare --runs $RUNS --stage pretrain --baseline $BASE --out $OUT/compare.png | tee $OUT/table.md
+python study.py compare --runs $RUNS --stage pretrain --baseline $BASE --out $OUT/compare.png | tee $OUT/table.md

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 import gzip as gzip_module
 
+import bench
 import nca
+import safety
+import study
 from nca import NCAConfig, NCAStream
 
 
@@ -121,7 +124,7 @@ def test_gzip_ratio_is_the_gzip_module_definition():
 
 def test_throughput_measure_reports_every_number():
     cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0).validate()
-    speed = nca.measure_throughput(cfg, "cpu", batch_size=4, seq_len=64, seconds=0.4, chunk=32)
+    speed = bench.measure_throughput(cfg, "cpu", batch_size=4, seq_len=64, seconds=0.4, chunk=32)
     assert speed["raw"] > 0 and speed["filtered"] > 0 and speed["gzip_rules"] > 0
     assert 0 < speed["acceptance"] <= 1 and speed["rules_tried"] >= 4
     assert speed["gzip_ceiling"] == pytest.approx(speed["gzip_rules"] * speed["acceptance"] * 64)
@@ -247,17 +250,18 @@ def test_bad_arguments_fail_fast_with_a_message():
 
 
 def test_command_line_stats_prints_deciles_and_acceptance(capsys):
-    nca.main(["--stats", "64", "--grid", "6", "--num_colors", "4", "--band", "0.2", "0.9"])
+    study.main(["stats", "--rules", "64", "--grid", "6", "--num_colors", "4", "--band", "0.2", "0.9"])
     out = capsys.readouterr().out
     deciles = [float(v) for v in out.split("gzip_deciles:")[1].split("\n")[0].split()]
     assert len(deciles) == 11 and deciles == sorted(deciles)
     assert 0 <= float(out.split("accept_rate:")[1].split()[0]) <= 1
-    with pytest.raises(SystemExit):
-        nca.main(["--grid", "7"])  # argparse error: the patch does not divide the grid
+    with pytest.raises(SystemExit, match="--patch"):
+        study.main(["stats", "--grid", "7"])  # the patch does not divide the grid
 
 
 def test_stats_quantiles_print_bands_ready_to_paste(capsys):
-    nca.main(["--stats", "64", "--grid", "6", "--num_colors", "4", "--quantiles", "0.3", "0.6", "0.8", "1.0"])
+    study.main(["stats", "--rules", "64", "--grid", "6", "--num_colors", "4", "--quantiles", "0.3", "0.6", "0.8",
+                "1.0"])
     out = capsys.readouterr().out
     assert len(out.split("gzip_quantiles:")[1].split("\n")[0].split()) == 4
     for name in ("low", "middle", "high"):
@@ -265,15 +269,14 @@ def test_stats_quantiles_print_bands_ready_to_paste(capsys):
         NCAConfig(grid=6, num_colors=4, band_lo=lo, band_hi=hi).validate()  # each band is a valid --band
     # 30 tied dead ratios, then 70 spread ones: a band whose lower quantile is the tie leaves the tied rules out
     ratios = np.array([0.02] * 30 + list(np.linspace(0.1, 0.4, 70)))
-    values, bands = nca.quantile_bands(ratios, [0.0, 0.1, 0.2, 0.6, 1.0])
+    values, bands = study.quantile_bands(ratios, [0.0, 0.1, 0.2, 0.6, 1.0])
     assert values[1] == values[2] == 0.02
     assert bands[0][2:4] == (0.0, 0.02) and bands[-1][3] == 1.0  # quantiles 0 and 1 open the band to the limits
     assert bands[1][2] >= bands[1][3]  # quantiles 0.1 and 0.2 are equal: no band between them
     assert bands[2][2:] == (0.02, 0.227, 0.30)  # ratios 0.02 < r < 0.227: the 30 spread ones below quantile 0.6
-    for bad in (["--quantiles", "0.5", "0.2", "--stats", "8"], ["--quantiles", "1.5", "--stats", "8"],
-                ["--quantiles", "0.5"]):  # descending, out of [0, 1], without --stats
-        with pytest.raises(SystemExit):
-            nca.main(bad)
+    for bad in (["--quantiles", "0.5", "0.2"], ["--quantiles", "1.5"], ["--rules", "0"]):  # descending, out of [0, 1]
+        with pytest.raises(SystemExit, match="--quantiles|--rules"):
+            study.main(["stats", *bad])
 
 
 # =============================================================================
@@ -281,7 +284,8 @@ def test_stats_quantiles_print_bands_ready_to_paste(capsys):
 
 import time
 
-from model import GPT, GROUPS, KVCache, ModelConfig, estimate_memory, param_group, transfer
+from model import GPT, GROUPS, KVCache, ModelConfig, param_group, transfer
+from safety import estimate_memory
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -1019,13 +1023,13 @@ def test_training_lowers_the_loss_and_checkpoint_rebuilds_from_model_args(tmp_pa
     model = GPT(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])  # strict
     cfg = train.TrainConfig(**{**ckpt["config"], "eval_iters": 2, "device": "cpu"})
-    data = train.TokenData("tiny", cfg, ckpt["model_args"]["block_size"])
+    data = train.TokenData("tiny", cfg, cfg.batch_size, ckpt["model_args"]["block_size"])
     assert train.estimate_loss(model, data, torch.autocast("cpu", enabled=False)) == pytest.approx(log[-1]["val_loss"], abs=1e-5)
 
 
 def test_finetune_loss_ignores_prompt_tokens(tiny_data):
     cfg = train.TrainConfig(data_dir=tiny_data, batch_size=3, device="cpu")
-    data = train.PairData("arith", cfg, block_size=48, tokenizer="bytes")
+    data = train.PairData("arith", cfg, cfg.batch_size, block_size=48, tokenizer="bytes")
     pairs = data.pairs["train"][:3]
     x, y = data.collate(pairs)
     for row, (prompt, completion) in enumerate(pairs):
@@ -1117,14 +1121,14 @@ def tensors_in(obj):
 
 def track_checkpoint_tensors(monkeypatch):
     """Weak references to every tensor of every checkpoint train.py loads: they die when nothing holds them."""
-    refs, load = [], train.load_checkpoint
+    refs, load = [], safety.load_checkpoint
 
     def tracked(*args, **kwargs):
         checkpoint = load(*args, **kwargs)
         # AdamW's step counts are 0-dim CPU tensors that torch keeps as they are (non-fused AdamW): not counted
         refs.extend(weakref.ref(t) for t in tensors_in(checkpoint) if t.dim())
         return checkpoint
-    monkeypatch.setattr(train, "load_checkpoint", tracked)
+    monkeypatch.setattr(safety, "load_checkpoint", tracked)
     return refs
 
 
@@ -1152,24 +1156,24 @@ def test_no_tensor_of_the_previous_stage_stays_alive_in_the_next(tmp_path, tiny_
     flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2", "--eval_interval", "2",
                       "--stage", "prepretrain")
     train.main(flags)
-    refs, alive, step = track_checkpoint_tensors(monkeypatch), [], train.optimizer_step
+    refs, alive, step = track_checkpoint_tensors(monkeypatch), [], train.Meter.step
 
-    def counting_step(run, *args):
+    def counting_step(meter, *args):
         alive.append(sum(r() is not None for r in refs))
-        return step(run, *args)
-    monkeypatch.setattr(train, "optimizer_step", counting_step)
+        return step(meter, *args)
+    monkeypatch.setattr(train.Meter, "step", counting_step)
     train.main(flags[:-1] + ["pretrain", "--init_from", str(tmp_path / "out" / "prepretrain" / "ckpt.pt")])
     assert refs and alive == [0, 0]
 
 
 def test_gpu_check_on_the_cpu(tmp_path):
-    """The CPU twin of `python train.py --check` (which a GPU user runs first): every item passes."""
-    result = subprocess.run([sys.executable, "train.py", "--check", "--device", "cpu", "--out_dir", str(tmp_path)],
+    """The CPU twin of `python bench.py check` (which a GPU user runs first): every item passes."""
+    result = subprocess.run([sys.executable, "bench.py", "check", "--device", "cpu", "--out_dir", str(tmp_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     for item in ("three stages", "torch.compile", "resume: the resumed log equals the straight one", "torchrun",
-                 "eval.py icl", "eval.py passk", "eval.py export", "train.py --bench"):
+                 "eval.py icl", "eval.py passk", "eval.py export", "bench.py train"):
         assert f"check: PASS {item}" in result.stdout, item
     assert "check: FAIL" not in result.stdout and "bench: nca_raw_tokens_per_s=" in result.stdout
 
@@ -1201,17 +1205,17 @@ def test_a_kill_between_log_and_checkpoint_and_a_torn_log_line_resume_to_the_ful
     expected = read_log(tmp_path / "a" / "out" / "pretrain" / "log.jsonl")
     flags = run_flags(tmp_path / "b", tiny_data, *common)
     log_path = tmp_path / "b" / "out" / "pretrain" / "log.jsonl"
-    saves, save = [], train.save_checkpoint
+    saves, save = [], safety.save_checkpoint
 
     def killed_at_second_save(path, checkpoint):  # the process dies after logging iteration 20, before saving it
         saves.append(checkpoint["iter_num"])
         if len(saves) == 2:
             raise KeyboardInterrupt
         save(path, checkpoint)
-    monkeypatch.setattr(train, "save_checkpoint", killed_at_second_save)
+    monkeypatch.setattr(safety, "save_checkpoint", killed_at_second_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(flags)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(safety, "save_checkpoint", save)
     assert [r["iter"] for r in read_log(log_path)] == [0, 10, 20]  # logged 20, saved 10
     with open(log_path, "a") as f:
         f.write('{"iter": 30, "val_lo')  # and a line torn by a kill mid-write
@@ -1254,11 +1258,11 @@ def test_bad_data_stops_at_load_naming_the_file_and_line(tmp_path, tiny_data, ca
 def test_a_failed_save_leaves_no_temporary_file_and_says_when_the_disk_is_full(tmp_path, monkeypatch):
     full_disk = RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
     path = save_then_fail_the_next_save(tmp_path, monkeypatch, full_disk)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil_usage(0))
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: shutil_usage(0))
     with pytest.raises(RuntimeError, match="the disk is full"):
-        train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
+        safety.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
     assert os.listdir(tmp_path) == ["ckpt.pt"]
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(safety.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def shutil_usage(free):
@@ -1269,7 +1273,7 @@ def shutil_usage(free):
 def test_study_controls_shuffled_nca_ramp_schedule_and_torch_init(tmp_path, tiny_data):
     nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
     cfg = train.TrainConfig(batch_size=3, eval_iters=1, nca_prefetch=False, device="cpu")
-    plain, shuffled = (train.NCAData(nca_cfg, cfg, 47, shuffle=s).get_batch("train") for s in (False, True))
+    plain, shuffled = (train.NCAData(nca_cfg, cfg, cfg.batch_size, 47, shuffle=s).get_batch("train") for s in (False, True))
     (x, y), (xs, ys) = plain, shuffled
     full, full_s = (torch.cat([a, b[:, -1:]], dim=1) for a, b in ((x, y), (xs, ys)))
     assert torch.equal(full.sort(dim=1).values, full_s.sort(dim=1).values)  # the same tokens in every row ...
@@ -1290,17 +1294,17 @@ def test_study_controls_shuffled_nca_ramp_schedule_and_torch_init(tmp_path, tiny
     assert 0.9 < scratch["embed_tokens.weight"].std() < 1.1
 
 
-def test_steady_state_numbers_leave_out_the_warm_up_steps(tmp_path, tiny_data):
-    cfg, model_cfg, nca_cfg = train.parse_args(run_flags(tmp_path, tiny_data, "--pretrain_iters", "9",
-                                                         "--grad_accum", "2", "--peak_tflops", "0.001"))
-    _, stats = train.train_stage("pretrain", cfg, model_cfg, nca_cfg, "")
-    steady = stats["steady"]
-    assert steady["steps"] == 9 - train.WARMUP_STEPS
-    assert steady["tokens_per_s"] > 0 and 0 <= steady["data_wait"] < 1
-    flops_per_token = GPT(ModelConfig(**{**asdict(model_cfg), "vocab_size": 257})).flops_per_token()
-    assert steady["mfu"] == pytest.approx(flops_per_token * steady["tokens_per_s"] / 1e9)  # 0.001 TFLOP/s peak
-    cfg.peak_tflops = 0.0
-    assert train.peak_flops(cfg) is None  # a CPU has no peak in the table: no MFU rather than a made-up one
+def test_the_training_benchmark_leaves_out_the_warm_up_steps(tmp_path, tiny_data, capsys):
+    bench.main(["train", *run_flags(tmp_path, tiny_data, "--prepretrain_iters", "9", "--grad_accum", "2",
+                                    "--nca_chunk", "32"), "--peak_tflops", "0.001"])
+    line = capsys.readouterr().out.split("bench: ")[1]
+    numbers = dict(item.split("=", 1) for item in line.split(" (")[0].split())
+    assert f"the last {9 - bench.WARMUP_STEPS} steps" in line
+    assert float(numbers["train_tokens_per_s"]) > 0 and float(numbers["nca_filtered_tokens_per_s"]) > 0
+    assert 0 < float(numbers["mfu"].rstrip("%")) and float(numbers["peak_memory_gib"]) > 0
+    assert bench.peak_flops("cpu") is None  # a CPU has no peak in the table: no MFU rather than a made-up one
+    with pytest.raises(ValueError, match="--prepretrain_iters 3 leaves none"):
+        bench.main(["train", *run_flags(tmp_path, tiny_data, "--prepretrain_iters", "3")])  # no step after warm-up
 
 
 def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
@@ -1311,7 +1315,7 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
              (["--block_size", "8"], "--block_size"), (["--reinit", "attn"], "--reinit"),
              (["--init_from", str(not_a_checkpoint)], "not a"), (["--batch_size", "0"], "--batch_size"),
              (["--band", "0.7", "0.2"], "--band"), (["--nca_chunk", "-1"], "--nca_chunk"),
-             (["--bench", "--prepretrain_iters", "3"], "--bench"), (["--beta1", "1.5"], "--beta1"),
+             (["--beta1", "1.5"], "--beta1"),
              (["--beta2", "-0.1"], "--beta2"), (["--weight_decay", "nan"], "--weight_decay"),
              (["--grad_clip", "nan"], "--grad_clip"), (["--identity_bias", "inf"], "--identity_bias"),
              (["--nca_num_rules", "-3"], "--nca_num_rules"), (["--device", "bogus"], "--device 'bogus'"),
@@ -1589,12 +1593,12 @@ def test_probe_on_a_tiny_gpt_and_the_probe_command(tmp_path, capsys):
 def test_speedup_on_synthetic_curves():
     tokens = np.array([0, 100, 200, 300, 400], dtype=float)
     losses = np.array([5.0, 3.0, 2.0, 1.5, 1.2])
-    assert evaluate.speedup((tokens, losses), (tokens, losses)) == pytest.approx(1.0)
-    assert evaluate.speedup((tokens, losses), (tokens / 2, losses)) == pytest.approx(2.0)
-    assert evaluate.speedup((tokens, losses), (tokens * 1.25, losses)) == pytest.approx(0.8)
-    assert evaluate.speedup((tokens, losses), (tokens, losses + 0.5)) is None  # never reaches 1.2
+    assert study.speedup((tokens, losses), (tokens, losses)) == pytest.approx(1.0)
+    assert study.speedup((tokens, losses), (tokens / 2, losses)) == pytest.approx(2.0)
+    assert study.speedup((tokens, losses), (tokens * 1.25, losses)) == pytest.approx(0.8)
+    assert study.speedup((tokens, losses), (tokens, losses + 0.5)) is None  # never reaches 1.2
     # the crossing is interpolated between eval points: 1.2 is reached halfway from 300 (1.4) to 400 (1.0)
-    assert evaluate.speedup((tokens, losses), (tokens, np.array([5, 3, 2, 1.4, 1.0]))) == pytest.approx(400 / 350)
+    assert study.speedup((tokens, losses), (tokens, np.array([5, 3, 2, 1.4, 1.0]))) == pytest.approx(400 / 350)
 
 
 def write_log(run_dir, stage, tokens, losses, prior=0):
@@ -1610,7 +1614,7 @@ def test_compare_two_runs_table_and_plot(tmp_path, capsys):
     write_log(tmp_path / "scratch", "pretrain", tokens, [5.0, 2.0, 1.5, 1.2])
     write_log(tmp_path / "nca", "pretrain", tokens, [5.0, 1.6, 1.2, 1.0], prior=100)
     out = str(tmp_path / "compare.png")
-    table = evaluate.main(["compare", "--runs", str(tmp_path / "*"), "--out", out])
+    table = study.main(["compare", "--runs", str(tmp_path / "*"), "--out", out])
     assert os.path.getsize(out) > 0
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
     assert rows["nca"][1:4] == ["1.0000", f"{math.exp(1.0):.3f}", "-16.7%"]     # final loss 1.0 vs 1.2
@@ -1628,9 +1632,9 @@ def test_compare_and_probes_leave_out_a_run_still_running(tmp_path, capsys):
     write_log(tmp_path / "nca_seed1", "pretrain", tokens[:2], [5.0, 1.1])  # evaluated at 10 of its planned 30 iters
     torch.save({"model": {}, "model_args": {}, "stage": "pretrain", "config": {"pretrain_iters": 30}},
                tmp_path / "nca_seed1" / "pretrain" / "ckpt.pt")
-    table = evaluate.main(["compare", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")])
+    table = study.main(["compare", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")])
     assert "left out" in capsys.readouterr().out and "| nca | 1 |" in table  # its 1.1 would have won
-    rows = evaluate.main(["probes", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "p.png")])
+    rows = study.main(["probes", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "p.png")])
     assert [(r["arm"], r["seed"]) for r in rows] == [("nca", 0), ("scratch", 0)]
     assert "nca_seed1: pretrain is at iteration 10 of 30" in capsys.readouterr().out
 
@@ -1641,20 +1645,20 @@ def test_compare_groups_seeds_into_arms(tmp_path):
     write_log(tmp_path / "scratch_seed1", "pretrain", tokens, [5.0, 2.2, 1.4])       # baseline mean: 1.3 at 200
     write_log(tmp_path / "nca_seed0", "pretrain", tokens, [5.0, 1.3, 1.0])            # reaches 1.3 at 100
     write_log(tmp_path / "nca_seed1", "pretrain", tokens, [5.0, 1.6, 1.4])            # never reaches 1.3
-    arms, rows, baseline = evaluate.compare_runs(sorted(str(p) for p in tmp_path.iterdir()))
+    arms, rows, baseline = study.compare_runs(sorted(str(p) for p in tmp_path.iterdir()))
     assert baseline == "scratch" and set(arms) == {"scratch", "nca"}
     row = {r["arm"]: r for r in rows}["nca"]
     assert row["runs"] == 2 and row["final_loss"] == [1.0, 1.4]
     assert row["speedup"] == [pytest.approx(2.0), None]
-    assert evaluate.format_speedups(row["speedup"], row["speedup_bound"]) == "2.00x (1/2 reached)"
-    table = evaluate.markdown_table(rows, baseline)
+    assert study.format_speedups(row["speedup"], row["speedup_bound"]) == "2.00x (1/2 reached)"
+    table = study.markdown_table(rows, baseline)
     assert f"1.2000 ± {np.std([1.0, 1.4], ddof=1):.4f}" in table
     # paired with the scratch run of the same seed: 1.0 - 1.2 and 1.4 - 1.4; one of the two seeds lower
     assert row["paired"] == [pytest.approx(-0.2), pytest.approx(0.0)]
     assert f"-0.1000 ± {np.std([-0.2, 0.0], ddof=1):.4f} (1/2)" in table
-    tokens, mean, std = evaluate.difference_curve(arms["nca"], arms["scratch"])
+    tokens, mean, std = study.difference_curve(arms["nca"], arms["scratch"])
     np.testing.assert_allclose(mean, [0.0, (-0.7 - 0.6) / 2, -0.1])
-    evaluate.plot_compare(arms, str(tmp_path / "seeds.png"), "pretrain", baseline)
+    study.plot_compare(arms, str(tmp_path / "seeds.png"), "pretrain", baseline)
     assert os.path.getsize(tmp_path / "seeds.png") > 0
 
 
@@ -1670,7 +1674,7 @@ def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
         write(f"nca_seed{seed}", "prepretrain", 3.0, -0.2 - seed / 10)
         write(f"nca_seed{seed}", "pretrain", base - 0.02 + seed / 100, -0.05)
     out = str(tmp_path / "scatter.png")
-    rows = evaluate.main(["probes", "--runs", str(tmp_path / "*"), "--out", out])
+    rows = study.main(["probes", "--runs", str(tmp_path / "*"), "--out", out])
     nca_rows = sorted((r for r in rows if r["arm"] == "nca"), key=lambda r: r["seed"])
     assert [r["gain"] for r in nca_rows] == pytest.approx([-0.02, -0.01])  # paired with scratch of the same seed
     assert [r["icl_score_1"] for r in nca_rows] == pytest.approx([-0.2, -0.3])
@@ -1681,9 +1685,9 @@ def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
 def test_compare_names_a_missing_log_and_an_unknown_baseline(tmp_path):
     write_log(tmp_path / "scratch", "pretrain", [0, 10], [2.0, 1.0])
     with pytest.raises(FileNotFoundError, match="did the run finish stage finetune"):
-        evaluate.compare_runs([str(tmp_path / "scratch")], stage="finetune")
+        study.compare_runs([str(tmp_path / "scratch")], stage="finetune")
     with pytest.raises(ValueError, match="--baseline 'nope'"):
-        evaluate.compare_runs([str(tmp_path / "scratch")], baseline="nope")
+        study.compare_runs([str(tmp_path / "scratch")], baseline="nope")
 
 # -----------------------------------------------------------------------------
 # perplexity
@@ -1768,7 +1772,7 @@ def test_export_round_trip_through_transformers(tmp_path):
 def save_then_fail_the_next_save(tmp_path, monkeypatch, error):
     """A checkpoint of ones at tmp_path/ckpt.pt; then torch.save writes part of a file and raises error."""
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
+    safety.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
 
     def fail_mid_write(obj, f):
         with open(f, "wb") as handle:
@@ -1781,15 +1785,15 @@ def save_then_fail_the_next_save(tmp_path, monkeypatch, error):
 def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     path = save_then_fail_the_next_save(tmp_path, monkeypatch, KeyboardInterrupt)  # the process dies mid-write
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+        safety.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
+    assert torch.equal(safety.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     """A real process killed while torch.save is writing a big checkpoint: the old file must survive intact."""
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(str(path), {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
-    script = ("import sys, torch, train; train.save_checkpoint(sys.argv[1], {'model': {'w': torch.zeros(200_000_000)}, "
+    safety.save_checkpoint(str(path), {"model": {"w": torch.ones(3)}, "model_args": {}, "stage": "pretrain"})
+    script = ("import sys, torch, safety; safety.save_checkpoint(sys.argv[1], {'model': {'w': torch.zeros(200_000_000)}, "
               "'model_args': {}, 'stage': 'pretrain'})")
     proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO_ROOT)
     deadline = time.time() + 60
@@ -1799,7 +1803,7 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the save finished before it could be killed"
-    assert torch.equal(train.load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    assert torch.equal(safety.load_checkpoint(str(path))["model"]["w"], torch.ones(3))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
@@ -1824,7 +1828,7 @@ def test_ranks_draw_different_data(tmp_path, tiny_data):
     nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
     for stage in ("prepretrain", "pretrain"):
         cfg.pretrain_data = "tiny"
-        first = [train.make_data(stage, cfg, nca_cfg, 48, "bytes", rank).get_batch("train")[0] for rank in (0, 1)]
+        first = [train.make_data(stage, cfg, nca_cfg, 48, "bytes", train.Dist(rank=rank, batch_size=4)).get_batch("train")[0] for rank in (0, 1)]
         assert not torch.equal(first[0], first[1]), stage
 
 
@@ -1832,7 +1836,7 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
     nca_cfg = NCAConfig(grid=6, num_colors=4, band_lo=0.0, band_hi=1.0)
 
     def data(prefetch):
-        return train.NCAData(nca_cfg, train.TrainConfig(batch_size=3, eval_iters=1, nca_prefetch=prefetch, device="cpu"), 48)
+        return train.NCAData(nca_cfg, train.TrainConfig(eval_iters=1, nca_prefetch=prefetch, device="cpu"), 3, 48)
 
     plain, ahead = data(False), data(True)
     for _ in range(3):
@@ -1882,7 +1886,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
 def test_study_sh_documents_exactly_the_arms_it_runs():
     # study.sh's header lists the arms a user can put in ARMS; run_arm's case statement is what runs them
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.sh")).read()
-    header = text[text.index("# Every arm then"):text.index("# Then eval.py compare")]
+    header = text[text.index("# Every arm then"):text.index("# Then study.py compare")]
     documented = {arm for line in re.findall(r"^#   ([a-z][a-z0-9-]*(?:, [a-z][a-z0-9-]*)*)(?:\s|$)", header, re.M)
                   for arm in line.split(", ")}
     body = text[text.index("run_arm() {"):text.index("esac")]

@@ -7,9 +7,11 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
-Read it in this order: build_model (what stage 2 keeps of stage 1), then the loop: train_stage -> setup_stage,
-optimizer_step, evaluate_and_save. The data sources (NCAData, TokenData, PairData) come before it; StopSignal, Meter
-(Ctrl-C, speed book-keeping), --bench and --check can be skipped on a first read.
+Read it top to bottom: the flags (TrainConfig), several processes (torchrun), the three data sources, the schedule
+and the validation loss, build_model (what stage 2 keeps of stage 1), then train_stage, the loop of one stage, and
+main, which chains the stages. The guards (flag and data checks, memory, the folder lock, atomic saves, --resume's
+checks, Ctrl-C) live in safety.py and are called here in one line each; the benchmark and the GPU self-check are
+bench.py's.
 
 Every hyperparameter is a flag (python train.py --help). Examples:
 
@@ -19,28 +21,20 @@ Every hyperparameter is a flag (python train.py --help). Examples:
   python train.py --prepretrain_data random         # the random-token control: a warm start with nothing to learn
   python train.py --stage pretrain --init_from out/prepretrain/ckpt.pt --reinit embedding,head,attention
   python train.py --resume                          # continue an interrupted run where it stopped
-  python train.py --check                           # on a new machine: every GPU path, PASS/FAIL per item
+  torchrun --standalone --nproc_per_node=4 train.py # 4 GPUs share each step's batch
 
 Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically) and out_dir/<stage>/log.jsonl
-(one line per evaluation, read by eval.py).
+(one line per evaluation, read by eval.py and study.py).
 """
 import argparse
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import re
-import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import numpy as np
@@ -49,14 +43,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import nca
+import safety
+from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, check_prepared, get_tokenizer, load_meta, load_pairs,
+                         prepare_command)
 from eval import probe
-from data.common import DATA_DIR, check_prepared, get_tokenizer, load_meta, load_pairs, prepare_command, read_jsonl
-from model import GPT, GROUPS, ModelConfig, arg, estimate_memory, load_checkpoint, transfer
+from model import GPT, ModelConfig, arg, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
-NCA_DATA = ("nca", "nca-shuffled")  # stage-1 data streamed from nca.py
+RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data (and dropout) with seed + r * RANK_SEED_STRIDE
 
 
 @dataclass
@@ -72,9 +66,6 @@ class TrainConfig:
     dtype: str = arg("auto", "autocast precision: float32, bfloat16 or float16; auto: bfloat16 on a GPU that runs it "
                              "natively (Ampere or newer), else float32 (weights and AdamW stay float32)")
     compile: bool = arg(False, "torch.compile the model (GPU)")
-    peak_tflops: float = arg(0.0, "the device's peak for the MFU estimate; 0 = look the GPU up in PEAK_TFLOPS")
-    bench: bool = arg(False, "measure NCA and training throughput on this config, then exit")
-    check: bool = arg(False, "check every GPU path in a few minutes (PASS/FAIL per item), then exit")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
     prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (the same with every sequence's patch tokens "
                                        "permuted: the control with NCA's token statistics and no dynamics); or a token "
@@ -103,8 +94,10 @@ class TrainConfig:
     finetune_iters: int = arg(300, "iterations of stage 3")
     finetune_lr: float = arg(5e-4, "peak learning rate of stage 3")
     # optimisation, shared by the stages
-    batch_size: int = arg(16, "sequences per micro-step")
-    grad_accum: int = arg(1, "micro-steps per optimizer step")
+    batch_size: int = arg(16, "sequences per micro-step (under torchrun shared by the processes when --grad_accum "
+                              "is not a multiple of their number)")
+    grad_accum: int = arg(1, "micro-steps per optimizer step: a step sees batch_size x grad_accum sequences, for any "
+                             "number of processes")
     warmup_frac: float = arg(0.1, "linear warmup over this fraction of the stage's iterations")
     min_lr_frac: float = arg(0.1, "cosine decay ends at min_lr_frac * lr")
     weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
@@ -125,19 +118,8 @@ class TrainConfig:
             self.dtype = "bfloat16" if native_bf16 else "float32"
 
 
-# dense bf16 peak of common GPUs (vendor datasheets), for the MFU estimate: (pattern searched in
-# torch.cuda.get_device_name, TFLOP/s), the first match wins, so variants come before their family. CPUs get no MFU.
-PEAK_TFLOPS = [(r"H[12]00.*NVL", 835.0), (r"H100.*PCIe", 756.0), (r"H100|H200", 989.0), (r"A100", 312.0),
-               (r"L40S", 362.0), (r"L40\b", 181.0), (r"L4\b", 121.0), (r"A10G", 70.0), (r"A10\b", 125.0),
-               (r"RTX 4090", 165.0), (r"RTX 3090", 71.0)]
-WARMUP_STEPS = 5  # steps the benchmark leaves out of its steady-state numbers (compilation, allocator)
-RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data with seed + r * RANK_SEED_STRIDE
-
-
-# -----------------------------------------------------------------------------
-# flags: one per dataclass field, defaults live in the dataclasses only
-
 def add_flags(parser, cls, skip=()):
+    """One flag per dataclass field: the defaults live in the dataclasses only."""
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -152,143 +134,21 @@ def pick(args, cls, **extra):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None):
+    """(TrainConfig, ModelConfig, NCAConfig) from the command line, every value checked (safety.validate) before any
+    work; a bad value exits with one line naming the flag."""
+    parser = safety.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, TrainConfig)
     add_flags(parser, ModelConfig, skip=("vocab_size",))  # the vocabulary comes from the data
     nca.add_config_flags(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = pick(args, TrainConfig)
-        model_cfg = pick(args, ModelConfig, vocab_size=1)
-        nca_cfg = nca.config_from_args(args)
-        validate(cfg, model_cfg, nca_cfg)
+        cfg, model_cfg, nca_cfg = pick(args, TrainConfig), pick(args, ModelConfig, vocab_size=1), \
+            nca.config_from_args(args)
+        safety.validate(cfg, model_cfg, nca_cfg, STAGES)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return cfg, model_cfg, nca_cfg
-
-
-def split_groups(flag, value):
-    groups = [g for g in value.split(",") if g]
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise ValueError(f"--{flag}: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
-    return groups
-
-
-def validate(cfg, model_cfg, nca_cfg):
-    """Every check that can be made before any work, with a message naming the flag and the fix."""
-    validate_flags(cfg)
-    model_cfg.validate()
-    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
-    validate_checkpoints(cfg, model_cfg, nca_cfg, stages)
-    for stage in stages:
-        validate_data(stage, cfg, model_cfg, nca_cfg)
-
-
-def validate_flags(cfg):
-    if cfg.stage not in STAGES + ("all",):
-        raise ValueError(f"--stage {cfg.stage!r}: choose one of {', '.join(STAGES)} or all")
-    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.bench and cfg.prepretrain_iters <= WARMUP_STEPS:
-        raise ValueError(f"--bench measures stage 1 after {WARMUP_STEPS} warm-up steps; --prepretrain_iters "
-                         f"{cfg.prepretrain_iters} leaves none, use e.g. --prepretrain_iters 50")
-    if cfg.nca_chunk < 0:
-        raise ValueError(f"--nca_chunk must be >= 0 (0 picks by device), got {cfg.nca_chunk}")
-    if cfg.nca_num_rules < 0 or cfg.nca_num_rules > 10 ** 8:
-        raise ValueError(f"--nca_num_rules {cfg.nca_num_rules}: use 0 (a fresh rule per sequence) or a pool of 1 to "
-                         f"10^8 rules (the paper: 16000)")
-    for stage in STAGES:
-        if getattr(cfg, f"{stage}_iters") < 0:
-            raise ValueError(f"--{stage}_iters must be >= 0, got {getattr(cfg, f'{stage}_iters')}")
-        lr = getattr(cfg, f"{stage}_lr")
-        if not 0 < lr < 1:
-            raise ValueError(f"--{stage}_lr={lr} is out of range; learning rates are in (0, 1), e.g. 1e-3")
-    for name in ("warmup_frac", "min_lr_frac"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
-    for flag, value, choices in (("prepretrain_schedule", cfg.prepretrain_schedule, ("cosine", "ramp")),
-                                 ("embed_init", cfg.embed_init, ("small", "torch"))):
-        if value not in choices:
-            raise ValueError(f"--{flag} {value!r}: choose {' or '.join(choices)}")
-    validate_device(cfg.device)
-    validate_optimizer(cfg)
-    if cfg.reinit != "auto":
-        split_groups("reinit", cfg.reinit)
-    if set(split_groups("freeze", cfg.freeze)) >= set(GROUPS):
-        raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
-
-
-def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
-    """out_dir, --init_from and --resume (read lazily with mmap: a big checkpoint costs nothing here)."""
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(f"--out_dir {cfg.out_dir} is a file; give a folder (it will hold <stage>/ckpt.pt)")
-    if cfg.init_from and cfg.resume:
-        raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
-    if cfg.init_from:
-        load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
-    if cfg.resume:  # the flags that shape the model, the schedule and the data must be the checkpoint's
-        for stage in stages:
-            path = os.path.join(cfg.out_dir, stage, "ckpt.pt")
-            if os.path.exists(path):
-                check_resume(load_checkpoint(path, "--resume: ", mmap=True), stage, cfg, model_cfg, nca_cfg, path)
-
-
-def validate_data(stage, cfg, model_cfg, nca_cfg):
-    """The stage's dataset exists and looks whole (the offline ones are made on first use)."""
-    if not os.path.isdir(cfg.data_dir):
-        raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
-    name = getattr(cfg, f"{stage}_data")
-    if stage == "prepretrain" and name in NCA_DATA:
-        if model_cfg.block_size < nca_cfg.frame_len:
-            raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
-                             f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
-        return
-    if name in OFFLINE_DATA:
-        return
-    data_dir = os.path.join(cfg.data_dir, name)
-    if not os.path.isdir(data_dir):
-        known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
-                       - {"hf", "__pycache__"} | set(OFFLINE_DATA))
-        raise ValueError(f"--{stage}_data {name!r}: there is no {data_dir}; datasets there or made offline: "
-                         f"{', '.join(known)} (the web corpora: python -m data.hf.prepare --dataset NAME)")
-    if stage == "finetune":  # missing or broken files: say so now, not hours later
-        load_meta(data_dir, name)
-        for split in ("train", "val"):
-            load_pairs(data_dir, split, name)
-    else:
-        check_prepared(data_dir, name)
-
-
-def validate_device(device):
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N") from None
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch sees no GPU here (a CPU-only torch build, or no driver); use "
-                             f"--device cpu")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif kind != "cpu":
-        raise ValueError(f"--device {device}: train.py runs on cpu or cuda")
-
-
-def validate_optimizer(cfg):
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)} (AdamW's usual: 0.9 and 0.95)")
-    for name in ("weight_decay", "grad_clip"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
 
 
 # -----------------------------------------------------------------------------
@@ -299,40 +159,63 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    batch_size: int = 16  # sequences per micro-step of this process
+    micro_steps: int = 1  # micro-steps per optimizer step of this process
+    device: str = "cpu"
 
     @property
     def master(self):  # only rank 0 prints, logs and saves
         return self.rank == 0
 
+    def gather(self, obj):
+        """A list with every rank's obj (what each rank needs to resume), [obj] for one process."""
+        if self.world == 1:
+            return [obj]
+        objects = [None] * self.world
+        dist.all_gather_object(objects, obj)
+        return objects
+
+    def share(self, obj):
+        """Rank 0's obj on every rank (so that a refusal on rank 0 stops every rank, not only rank 0)."""
+        if self.world == 1:
+            return obj
+        objects = [obj]
+        dist.broadcast_object_list(objects, src=0)
+        return objects[0]
+
+    def mean(self, value):
+        """The mean of a float over the ranks: every rank sees the same loss, so a NaN stops them all."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world
+
 
 def setup_distributed(cfg):
-    """Join the torchrun job if there is one (RANK set); a single process otherwise."""
+    """Join the torchrun job if there is one (RANK set), else a single process; either way on cfg.device."""
     if "RANK" not in os.environ:
-        return Dist()
-    ddp = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    if cfg.grad_accum % ddp.world:
-        raise ValueError(f"--grad_accum {cfg.grad_accum}: the micro-steps of one optimizer step are shared by the "
-                         f"{ddp.world} processes, so use a multiple of {ddp.world}")
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(cfg.device)  # cuda:1 must be the current GPU too (pinned memory, new tensors)
+        return Dist(batch_size=cfg.batch_size, micro_steps=cfg.grad_accum, device=cfg.device)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    batch_size, micro_steps = safety.split_batch(cfg, world)
     if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{ddp.local_rank}"
+        cfg.device = f"cuda:{local_rank}"
         torch.cuda.set_device(cfg.device)
-    dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-    if not ddp.master:
-        sys.stdout = open(os.devnull, "w")  # one log for the job: rank 0's
+    dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo",
+                            device_id=torch.device(cfg.device) if cfg.device.startswith("cuda") else None)
+    ddp = Dist(rank, world, local_rank, batch_size, micro_steps, cfg.device)
+    if ddp.master:
+        print(f"torchrun: {world} processes share each step's {cfg.batch_size} x {cfg.grad_accum} sequences: "
+              f"{micro_steps} micro-step(s) of {batch_size} per process")
+    else:
+        sys.stdout = open(os.devnull, "w")  # one log for the job: rank 0's (errors still reach every rank's stderr)
     return ddp
 
 
-def gather(obj, ddp):
-    """A list with every rank's obj (what each rank needs to resume), [obj] for one process."""
-    if ddp.world == 1:
-        return [obj]
-    objects = [None] * ddp.world
-    dist.all_gather_object(objects, obj)
-    return objects
-
-
 # -----------------------------------------------------------------------------
-# data: three sources with one interface (get_batch, vocabulary, state for --resume)
+# data: three sources with one interface (get_batch, the fixed validation batches, state for --resume)
 
 def prepared(cfg, name, kind):
     """Check data_dir/<name> is prepared; the offline datasets are prepared on first use."""
@@ -349,11 +232,8 @@ def prepared(cfg, name, kind):
 
 
 class Data:
-    """What the loop needs of a data source: get_batch("train"), the fixed validation batches, and the state that
-    --resume restores. Subclasses draw training batches with self.generator and build self.val once."""
-
-    def val_batches(self):
-        return self.val
+    """What the loop needs of a data source: get_batch("train"), the fixed validation batches (self.val), and the
+    state that --resume restores. Subclasses draw training batches with self.generator and build self.val once."""
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -361,17 +241,20 @@ class Data:
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
 
+    def close(self):
+        pass
+
 
 class NCAData(Data):
     """Stage-1 batches streamed from nca.py; the validation set is a fixed set of held-out rules."""
 
-    def __init__(self, nca_cfg, cfg, block_size, rank=0, shuffle=False):
+    def __init__(self, nca_cfg, cfg, batch_size, block_size, rank=0, shuffle=False):
         self.name, self.tokenizer, self.eot_token = "nca-shuffled" if shuffle else "nca", None, None
         self.nca_cfg, self.shuffle = nca_cfg, shuffle
         self.vocab_size = nca_cfg.vocab_size
-        self.stream = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
+        self.stream = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
                                     device=cfg.device, num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk)
-        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
+        held_out = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                  chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
         self.val = [self.shuffled(*held_out.next_batch()) for _ in range(cfg.eval_iters)]
         # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
@@ -424,6 +307,12 @@ class NCAData(Data):
             self.ahead = None
         self.stream.load_state_dict(state)
 
+    def close(self):
+        """Stop the prefetch thread: a finished stage must not go on simulating, nor keep its batch alive."""
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
+            self.worker = self.ahead = None
+
 
 def to_device(tensors, device):
     """CPU batches to the device; from pinned memory the copy is asynchronous, so the GPU does not wait for it."""
@@ -435,20 +324,15 @@ def to_device(tensors, device):
 class TokenData(Data):
     """nanoGPT's memmapped uint16 corpus: random windows for training, fixed windows for validation."""
 
-    def __init__(self, name, cfg, block_size, rank=0):
+    def __init__(self, name, cfg, batch_size, block_size, rank=0):
         self.data_dir, meta = prepared(cfg, name, "tokens")
         self.name, self.tokenizer, self.eot_token = name, meta["tokenizer"], meta["eot_token"]
-        self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, cfg.batch_size
+        self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, batch_size
         self.device = cfg.device
         self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
-        for split in ("train", "val"):  # checked now: a bad id would crash the first forward (on CUDA: an assert)
-            path = os.path.join(self.data_dir, f"{split}.bin")
-            tokens = np.memmap(path, dtype=np.uint16, mode="r")
-            if len(tokens) <= block_size + 1:
-                raise ValueError(f"{path} holds {len(tokens)} tokens, too few for --block_size {block_size}")
-            if int(tokens.max()) >= self.vocab_size:
-                raise ValueError(f"{path} holds token id {int(tokens.max())}, but its meta.json says vocab_size "
-                                 f"{self.vocab_size}; remake the folder: {prepare_command(self.data_dir, name)}")
+        for split in ("train", "val"):  # a bad id would crash the first forward (on CUDA: an assert)
+            safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
+                                    prepare_command(self.data_dir, name))
         fixed = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
         self.val = [self.batch("val", fixed) for _ in range(cfg.eval_iters)]
 
@@ -466,12 +350,12 @@ class TokenData(Data):
 class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
-    def __init__(self, name, cfg, block_size, tokenizer, rank=0):
+    def __init__(self, name, cfg, batch_size, block_size, tokenizer, rank=0):
         self.data_dir, meta = prepared(cfg, name, "pairs")
         self.name, self.tokenizer, self.stop = name, tokenizer, meta["stop"]
         enc = get_tokenizer(tokenizer)
         self.vocab_size, self.eot_token = enc.n_vocab, enc.eot_token
-        self.batch_size, self.block_size, self.device = cfg.batch_size, block_size, cfg.device
+        self.batch_size, self.block_size, self.device = batch_size, block_size, cfg.device
         self.pairs = {split: [(enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(r["completion"]))
                               for r in load_pairs(self.data_dir, split)] for split in ("train", "val")}
         longest = max(len(p) + len(c) for pairs in self.pairs.values() for p, c in pairs)
@@ -500,12 +384,12 @@ class PairData(Data):
         return self.collate([pairs[i] for i in picks])
 
 
-def make_data(stage, cfg, nca_cfg, block_size, tokenizer, rank=0):
-    if stage == "prepretrain" and cfg.prepretrain_data in NCA_DATA:
-        return NCAData(nca_cfg, cfg, block_size, rank, shuffle=cfg.prepretrain_data == "nca-shuffled")
+def make_data(stage, cfg, nca_cfg, block_size, tokenizer, ddp):
+    if stage == "prepretrain" and cfg.prepretrain_data in STREAMED:
+        return NCAData(nca_cfg, cfg, ddp.batch_size, block_size, ddp.rank, cfg.prepretrain_data == "nca-shuffled")
     if stage == "finetune":
-        return PairData(cfg.finetune_data, cfg, block_size, tokenizer, rank)
-    return TokenData(getattr(cfg, f"{stage}_data"), cfg, block_size, rank)
+        return PairData(cfg.finetune_data, cfg, ddp.batch_size, block_size, tokenizer, ddp.rank)
+    return TokenData(getattr(cfg, f"{stage}_data"), cfg, ddp.batch_size, block_size, ddp.rank)
 
 
 # -----------------------------------------------------------------------------
@@ -533,119 +417,52 @@ def estimate_loss(model, data, autocast):
     """Mean loss over the fixed validation batches (the same ones every time, so curves are comparable)."""
     model.eval()
     losses = []
-    for x, y in data.val_batches():
+    for x, y in data.val:
         with autocast:
             losses.append(model(x, y)[1].item())
     model.train()
     return float(np.mean(losses))
 
 
-def peak_flops(cfg):
-    """FLOP/s of one device at 100% utilisation, or None where unknown (CPUs, GPUs not in PEAK_TFLOPS)."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if torch.device(cfg.device).type == "cuda":
-        name = torch.cuda.get_device_name(cfg.device)
-        for pattern, tflops in PEAK_TFLOPS:
-            if re.search(pattern, name):
-                return tflops * 1e12
-    return None
+def probe_context(run, cfg):
+    """How much the model uses its context (eval.probe): the loss late in a validation sequence minus early in it
+    (for NCA, by whole frames), and how well it copies a repeated random sequence. null where undefined."""
+    data = run.data
+    frame_len = data.nca_cfg.frame_len if isinstance(data, NCAData) else None
+    special = (data.nca_cfg.start_token, data.nca_cfg.end_token) if frame_len else (data.eot_token,)
+    values = probe(run.model, data.val, data.vocab_size, run.model.config.block_size, cfg.device, run.autocast,
+                   frame_len=frame_len, exclude=special)
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and logs: one writer per stage folder, written so that a kill at any moment loses nothing
+# the model of a stage: from scratch, or carried over from the stage before
 
-def save_checkpoint(path, checkpoint):
-    """Write to a temporary file of this process in the same folder, then rename it over the old checkpoint: a kill
-    mid-save leaves the previous checkpoint whole. A failed save removes its temporary file."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except Exception as e:
-        free = shutil.disk_usage(folder).free  # before the partial file is removed
-        if free < 2 ** 26:  # torch.save says "unexpected pos ..." when the disk fills up
-            raise RuntimeError(f"saving {path}: the disk is full ({free / 2 ** 20:.0f} MiB free); free some space "
-                               f"and continue with --resume (the previous checkpoint is kept)") from e
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def stage_lock(stage_dir, ddp):
-    """One run per stage folder: rank 0 holds an exclusive lock on stage_dir/lock while the stage runs, and a second
-    run on the same folder stops at once with a message naming the first."""
-    if not ddp.master:
-        yield
-        return
-    with open(os.path.join(stage_dir, "lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(f"{stage_dir} is in use by another run ({f.read().strip() or 'unknown'}); wait for "
-                               f"it to finish or give this run another --out_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
-        f.flush()
-        for name in os.listdir(stage_dir):  # what a run killed mid-save left (no other writer can be at work now)
-            if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
-                os.remove(os.path.join(stage_dir, name))
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def append_log(log_path, record):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_log(log_path, iter_num):
-    """On --resume: keep the records up to the checkpoint's iteration (later ones are made again) and drop a torn or
-    blank line that a kill mid-write left. A missing log starts anew."""
-    if not os.path.exists(log_path):
-        print(f"--resume: {log_path} is missing; a new log starts at iteration {iter_num}")
-        return
-    kept = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("iter", math.inf) <= iter_num:
-                kept.append(json.dumps(record) + "\n")
-    with open(log_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(log_path + ".tmp", log_path)
-
-
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "warmup_frac", "min_lr_frac")
-
-
-def check_resume(checkpoint, stage, cfg, model_cfg, nca_cfg, ckpt_path):
-    """--resume continues a run as it was planned: flags that shape the model, the schedule or the data must be the
-    checkpoint's, or the run would silently keep the old model or re-plan its learning rate."""
-    saved, saved_cfg = checkpoint["model_args"], checkpoint.get("config", {})
-    differ = [f"--{k} {v} (checkpoint: {saved.get(k)})" for k, v in asdict(model_cfg).items()
-              if k != "vocab_size" and saved.get(k) != v]
-    for k in (f"{stage}_iters", f"{stage}_lr", f"{stage}_data") + RESUME_MUST_MATCH:
-        if saved_cfg.get(k) != getattr(cfg, k):
-            differ.append(f"--{k} {getattr(cfg, k)} (checkpoint: {saved_cfg.get(k)})")
-    saved_nca = checkpoint.get("nca_config")
-    if saved_nca is not None:
-        differ += [f"--{k} {v} (checkpoint: {saved_nca.get(k)})" for k, v in asdict(nca_cfg).items()
-                   if saved_nca.get(k) != v]
-    if differ:
-        raise ValueError(f"--resume: {ckpt_path} was made with other settings: {'; '.join(differ)}. Resume with the "
-                         f"checkpoint's values, or start afresh with another --out_dir")
+def build_model(stage, cfg, model_cfg, data, init):
+    """From scratch, or from a previous stage's checkpoint through the explicit transfer (model.transfer): the
+    transformer carries over, the groups in --reinit (by default the embedding and the head, whose vocabulary
+    changes after NCA) start afresh. Built on the CPU; the caller moves it to the device."""
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
+    if init is None:
+        model, reinit = GPT(model_cfg), ["embedding", "head"]
+        print(f"model: from scratch, {model.num_params():,} parameters")
+    else:
+        if cfg.reinit == "auto":  # a new corpus after pre-pre-training (or a new vocabulary): new embedding and head
+            new_corpus = init["stage"] == "prepretrain" or init["model_args"]["vocab_size"] != data.vocab_size
+            reinit = ["embedding", "head"] if new_corpus else []
+        else:
+            reinit = safety.split_groups("reinit", cfg.reinit)
+        if "embedding" not in reinit and init["data"]["tokenizer"] != data.tokenizer:
+            raise ValueError(f"--init_from was trained with tokenizer {init['data']['tokenizer']!r} but data "
+                             f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
+        print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
+              f"{init['tokens_seen']:,} tokens)")
+        model = transfer(init["model"], model_cfg, reinit=reinit, freeze=safety.split_groups("freeze", cfg.freeze))
+    if cfg.embed_init == "torch" and stage != "prepretrain":  # PyTorch's own init of a fresh embedding and head
+        for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
+            if group in reinit:
+                module.reset_parameters()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -658,7 +475,7 @@ class Stage:
     name: str
     model: GPT
     optimizer: torch.optim.Optimizer
-    data: "Data"
+    data: Data
     max_iters: int
     base_lr: float
     ckpt_path: str
@@ -675,61 +492,34 @@ class Stage:
     scaler: object = None
 
 
-def build_model(stage, cfg, model_cfg, data, init):
-    """From scratch, or from a previous stage's checkpoint through the explicit transfer (model.transfer): the
-    transformer carries over, the groups in --reinit (by default the embedding and the head, whose vocabulary
-    changes after NCA) start afresh. Built on the CPU; the caller moves it to the device."""
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
-    if init is None:
-        model, reinit = GPT(model_cfg), ["embedding", "head"]
-        print(f"model: from scratch, {model.num_params():,} parameters")
-    else:
-        model, reinit = transferred_model(stage, cfg, model_cfg, data, init)
-    if cfg.embed_init == "torch" and stage != "prepretrain":  # PyTorch's own init of a fresh embedding and head
-        for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
-            if group in reinit:
-                module.reset_parameters()
-    return model
-
-
-def transferred_model(stage, cfg, model_cfg, data, init):
-    """The model carried over from the checkpoint init, and the groups that start afresh."""
-    if cfg.reinit == "auto":  # a new corpus after pre-pre-training (or a new vocabulary): new embedding and head
-        new_corpus = init["stage"] == "prepretrain" or init["model_args"]["vocab_size"] != data.vocab_size
-        reinit = ["embedding", "head"] if new_corpus else []
-    else:
-        reinit = split_groups("reinit", cfg.reinit)
-    if "embedding" not in reinit and init["data"]["tokenizer"] != data.tokenizer:
-        raise ValueError(f"--init_from was trained with tokenizer {init['data']['tokenizer']!r} but data "
-                         f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
-    print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
-          f"{init['tokens_seen']:,} tokens)")
-    return transfer(init["model"], model_cfg, reinit=reinit, freeze=split_groups("freeze", cfg.freeze)), reinit
-
-
 def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
-    """The model, optimizer and data of a stage, from scratch, from init_path, or resumed from its own checkpoint.
-    Checkpoints are read to the CPU and dropped once copied: nothing of them stays alive during training."""
+    """The model, optimizer and data of a stage, from scratch, from init_path, or resumed from its own checkpoint
+    (optimizer, every rank's data order and RNG, the counters, the log cut back to the checkpoint). Checkpoints are
+    read to the CPU and dropped once copied: nothing of them stays alive during training."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     ckpt_path, log_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "log.jsonl")
+    if torch.device(cfg.device).type == "cuda":  # bench.py check reads it: nothing of the stage before is left
+        print(f"gpu memory: {torch.cuda.memory_allocated(cfg.device) / 2 ** 20:.1f} MiB allocated as {stage} starts")
     resume = init = None
     if cfg.resume and os.path.exists(ckpt_path):
-        resume = load_checkpoint(ckpt_path, "--resume: ")
-    else:
-        if cfg.resume:
-            print(f"--resume: there is no {ckpt_path} yet, so {stage} starts fresh")
-        if init_path:  # the previous stage's checkpoint (or --init_from)
-            init = load_checkpoint(init_path, "--init_from ")
+        resume = safety.load_checkpoint(ckpt_path, "--resume: ")
+        safety.check_resume_world(resume, ckpt_path, ddp.world)
+    elif cfg.resume:
+        print(f"--resume: there is no {ckpt_path} yet, so {stage} starts fresh")
+    if resume is None and init_path:  # the previous stage's checkpoint (or --init_from)
+        init = safety.load_checkpoint(init_path, "--init_from ")
     max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
     if resume is not None and resume["iter_num"] >= max_iters:
         print(f"== {stage}: already complete in {ckpt_path}, skipping")
+        if ddp.master:
+            safety.trim_log(log_path, resume["iter_num"])
         return None
     tokenizer = (resume or init or {}).get("data", {}).get("tokenizer")
     if stage == "finetune" and tokenizer is None:  # from scratch: the pre-training corpus's tokenizer
         tokenizer = prepared(cfg, cfg.pretrain_data, "tokens")[1]["tokenizer"]
     print(f"== {stage}: {max_iters} iterations on {getattr(cfg, f'{stage}_data')}, lr {base_lr}")
     torch.manual_seed(cfg.seed)
-    data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer, ddp.rank)
+    data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer, ddp)
     if resume is not None:
         model = GPT(ModelConfig(**resume["model_args"]))
         model.load_state_dict(resume["model"])
@@ -738,7 +528,9 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
         print(f"resuming {ckpt_path} at iteration {resume['iter_num']}")
     else:
         model = build_model(stage, cfg, model_cfg, data, init)
-    check_memory(model.config, cfg, ddp)
+    if ddp.world > 1:  # the same weights on every rank (DDP broadcasts rank 0's), but each its own dropout masks
+        torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * ddp.rank)
+    safety.check_memory(model.config, cfg, model.config.vocab_size, ddp.world)
     model.to(cfg.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, base_lr, (cfg.beta1, cfg.beta2),
                                            torch.device(cfg.device).type)
@@ -746,114 +538,62 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     if init is not None:
         run.prior_tokens = init["prior_tokens"] + init["tokens_seen"]
     if resume is not None:
-        restore(run, resume, ddp)
+        run.optimizer.load_state_dict(resume["optimizer"])  # moved to the parameters' device by torch
+        rank_state = resume["rank_state"][ddp.rank]
+        run.data.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state, cfg.device)
+        run.iter_num = run.start_iter = resume["iter_num"]
+        run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
+                                                                resume["best_val_loss"])
+        run.resumed = True
+        if ddp.master:
+            safety.trim_log(log_path, run.iter_num)
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
     return run
 
 
-def restore(run, resume, ddp):
-    """Continue where the checkpoint stopped: optimizer state (moved to the parameters' device by torch), every
-    rank's data order and RNG state, the counters, and the log cut back to the checkpoint."""
-    if len(resume["rank_state"]) != ddp.world:
-        raise ValueError(f"--resume: {run.ckpt_path} was written by {len(resume['rank_state'])} processes; resume "
-                         f"it with as many (this job has {ddp.world}) to continue the same data order")
-    run.optimizer.load_state_dict(resume["optimizer"])
-    rank_state = resume["rank_state"][ddp.rank]
-    run.data.load_state_dict(rank_state["data"])
-    torch.set_rng_state(rank_state["rng"])
-    run.iter_num = run.start_iter = resume["iter_num"]
-    run.resumed = True
-    run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
-                                                            resume["best_val_loss"])
-    if ddp.master:
-        trim_log(run.log_path, run.iter_num)
+def rng_state(device):
+    """The random state a resumed run needs (dropout): the CPU generator's, and the GPU's on a GPU."""
+    cuda = torch.device(device).type == "cuda"
+    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
 
 
-def prepare_for_training(run, cfg, ddp):
-    """Mixed precision, DistributedDataParallel, then torch.compile of the wrapped model (so that compile can split
-    the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass)."""
-    device_type = torch.device(cfg.device).type
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    run.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    run.scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    run.train_model = run.model
-    if ddp.world > 1:  # averages gradients across the ranks during backward; the rotary tables need no broadcast
-        device_ids = [ddp.local_rank] if device_type == "cuda" else None
-        run.train_model = run.ddp_model = DistributedDataParallel(run.model, device_ids=device_ids,
-                                                                  broadcast_buffers=False)
-    if cfg.compile:
-        run.train_model = torch.compile(run.train_model)
-
-
-def optimizer_step(run, cfg, micro_steps, world):
-    """One step of the method: grad_accum micro-batches, clip, AdamW. -> (loss, tokens, seconds waiting for data)"""
-    lr = lr_at(run, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    data_time, tokens, loss_sum = 0.0, 0, 0.0
-    for micro_step in range(micro_steps):
-        t0 = time.time()
-        x, y = run.data.get_batch("train")
-        data_time += time.time() - t0
-        if run.ddp_model is not None:  # average the gradients across ranks only once, on the last micro-step
-            run.ddp_model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with run.autocast:
-            _, loss = run.train_model(x, y)
-        run.scaler.scale(loss / micro_steps).backward()
-        loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU at every micro-step
-        tokens += x.numel() * world  # fine-tuning batches vary in length
-    loss_value = float(loss_sum) / micro_steps  # the one wait for the GPU in a step
-    if not math.isfinite(loss_value):
-        raise RuntimeError(f"{run.name}: training loss is {loss_value} at iteration {run.iter_num}; stopping "
-                           f"without saving. {kept_checkpoint(run)}; try a lower --{run.name}_lr")
-    if cfg.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.iter_num += 1
-    run.tokens_seen += tokens
-    return loss_value, tokens, data_time
-
-
-def kept_checkpoint(run):
-    if os.path.exists(run.ckpt_path):
-        return f"The last good checkpoint is kept in {run.ckpt_path}"
-    return "No checkpoint of this stage was written yet"
-
-
-def checkpoint_of(run, cfg, nca_cfg, rank_state):
-    data = run.data
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "model_args": asdict(run.model.config), "config": asdict(cfg),
-            "nca_config": asdict(nca_cfg) if isinstance(data, NCAData) else None, "stage": run.name,
-            "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
-                     "eot_token": data.eot_token},
-            "iter_num": run.iter_num, "max_iters": run.max_iters, "tokens_seen": run.tokens_seen,
-            "prior_tokens": run.prior_tokens, "best_val_loss": run.best_val_loss, "rank_state": rank_state,
-            "trainable": [n for n, p in run.model.named_parameters() if p.requires_grad]}
+def set_rng_state(state, device):
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def save(run, cfg, nca_cfg, ddp):
-    """Every rank hands rank 0 what it needs to resume (data order, RNG); rank 0 writes the checkpoint."""
-    rank_state = gather({"data": run.data.state_dict(), "rng": torch.get_rng_state()}, ddp)
-    if ddp.master:
-        save_checkpoint(run.ckpt_path, checkpoint_of(run, cfg, nca_cfg, rank_state))
+    """Every rank hands rank 0 what it needs to resume (data order, RNG); rank 0 writes the checkpoint: a plain dict
+    of plain types and state dicts, with the config that rebuilds the model (model_args)."""
+    rank_state = ddp.gather({"data": run.data.state_dict(), **rng_state(cfg.device)})
+    if not ddp.master:
+        return
+    data = run.data
+    safety.save_checkpoint(run.ckpt_path, {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model_args": asdict(run.model.config), "config": asdict(cfg),
+        "nca_config": asdict(nca_cfg) if isinstance(data, NCAData) else None, "stage": run.name,
+        "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
+                 "eot_token": data.eot_token},
+        "iter_num": run.iter_num, "max_iters": run.max_iters, "tokens_seen": run.tokens_seen,
+        "prior_tokens": run.prior_tokens, "best_val_loss": run.best_val_loss, "rank_state": rank_state,
+        "trainable": [n for n, p in run.model.named_parameters() if p.requires_grad]})
 
 
 def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
     """Validation loss on the fixed batches, one log record, then the checkpoint it describes. The record is written
     first: a kill between the two leaves a record past the checkpoint, which --resume drops and makes again."""
-    val_loss = estimate_loss(run.model, run.data, run.autocast)
+    val_loss = ddp.mean(estimate_loss(run.model, run.data, run.autocast))
     run.best_val_loss = min(run.best_val_loss, val_loss)
     print(f"iter {run.iter_num}: val loss {val_loss:.4f} (best {run.best_val_loss:.4f})", flush=True)
     if not math.isfinite(val_loss):
         raise RuntimeError(f"{run.name}: validation loss is {val_loss} at iteration {run.iter_num}; stopping. "
-                           f"{kept_checkpoint(run)}")
+                           f"{safety.kept_checkpoint(run.ckpt_path)}")
     if ddp.master:
-        append_log(run.log_path, {
+        safety.append_log(run.log_path, {
             "iter": run.iter_num, "tokens": run.tokens_seen, "prior_tokens": run.prior_tokens,
             "lr": lr_at(run, cfg), "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed,
             **probe_context(run, cfg)})
@@ -861,261 +601,109 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
         save(run, cfg, nca_cfg, ddp)
 
 
-def probe_context(run, cfg):
-    """How much the model uses its context (eval.probe): the loss late in a validation sequence minus early in it
-    (for NCA, by whole frames), and how well it copies a repeated random sequence. null where undefined."""
-    data = run.data
-    frame_len = data.nca_cfg.frame_len if isinstance(data, NCAData) else None
-    special = (data.nca_cfg.start_token, data.nca_cfg.end_token) if frame_len else (data.eot_token,)
-    values = probe(run.model, data.val_batches(), data.vocab_size, run.model.config.block_size, cfg.device,
-                   run.autocast, frame_len=frame_len, exclude=special)
-    return {k: v if math.isfinite(v) else None for k, v in values.items()}
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; the loop then saves a checkpoint at
-    that iteration, so --resume loses nothing. A second signal stops at once. One process only: under torchrun the
-    ranks would not agree on the step, and the last evaluation's checkpoint is what --resume continues."""
-
-    def __init__(self, enabled):
-        self.requested, self.previous = None, {}
-        if enabled and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 class Meter:
-    """Book-keeping of speed for the log lines and the benchmark: tokens/s, time waiting for data, MFU, ETA, and
-    the steady state (the steps after the first WARMUP_STEPS, without evaluation or saving)."""
+    """Speed for the log lines (tokens/s, the share of time spent waiting for data, ETA), and every step's
+    (seconds, tokens, seconds waiting for data) for bench.py."""
 
-    def __init__(self, run, cfg, world):
-        self.run, self.world, self.start_iter = run, world, run.iter_num
-        self.flops_per_token, self.peak = run.model.flops_per_token(), peak_flops(cfg)
+    def __init__(self, run):
+        self.run, self.start_iter, self.steps = run, run.iter_num, []
         self.t_start = self.t_log = time.time()
         self.tokens_start = self.tokens_log = run.tokens_seen
-        self.data_log = self.data_total = 0.0
-        self.steady = {"seconds": 0.0, "tokens": 0, "data": 0.0}
-
-    def mfu(self, tokens_per_s):
-        return self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
+        self.data_log = 0.0
 
     def step(self, seconds, tokens, data_time):
+        self.steps.append((seconds, tokens, data_time))
         self.data_log += data_time
-        self.data_total += data_time
-        if self.run.iter_num - self.start_iter > WARMUP_STEPS:
-            self.steady["seconds"] += seconds
-            self.steady["tokens"] += tokens
-            self.steady["data"] += data_time
 
     def log_line(self, loss, lr):
         run, now = self.run, time.time()
         tok_per_s = (run.tokens_seen - self.tokens_log) / (now - self.t_log)
         eta = (now - self.t_start) / (run.iter_num - self.start_iter) * (run.max_iters - run.iter_num)
-        mfu = f" | mfu {self.mfu(tok_per_s):.1%}" if self.peak else ""
         print(f"{run.name} iter {run.iter_num}/{run.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"tokens {run.tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s{mfu} | "
+              f"tokens {run.tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s | "
               f"data {self.data_log / (now - self.t_log):.0%} | eta {eta / 60:.1f} min", flush=True)
         self.t_log, self.tokens_log, self.data_log = now, run.tokens_seen, 0.0
 
     def summary(self):
         seconds = time.time() - self.t_start
-        tokens_per_s = (self.run.tokens_seen - self.tokens_start) / seconds
-        stats = {"tokens_per_s": tokens_per_s, "data_wait": self.data_total / seconds, "mfu": self.mfu(tokens_per_s),
-                 "seconds": seconds}
-        s = self.steady
-        if s["seconds"] > 0:
-            stats["steady"] = {"tokens_per_s": s["tokens"] / s["seconds"], "data_wait": s["data"] / s["seconds"],
-                               "steps": self.run.iter_num - self.start_iter - WARMUP_STEPS,
-                               "mfu": self.mfu(s["tokens"] / s["seconds"])}
-        return stats
+        return {"seconds": seconds, "tokens_per_s": (self.run.tokens_seen - self.tokens_start) / seconds,
+                "data_wait": sum(s[2] for s in self.steps) / seconds, "steps": self.steps,
+                "flops_per_token": self.run.model.flops_per_token()}
 
 
 def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
-    """Train one stage; returns its checkpoint path and what was measured (tokens/s, data wait, MFU)."""
+    """Train one stage; returns its checkpoint path and what was measured (Meter.summary)."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     os.makedirs(stage_dir, exist_ok=True)
-    with stage_lock(stage_dir, ddp):
+    with safety.stage_lock(stage_dir, ddp.master, share=ddp.share):
         run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
         if run is None:
             return os.path.join(stage_dir, "ckpt.pt"), {}
-        prepare_for_training(run, cfg, ddp)
-        micro_steps = cfg.grad_accum // ddp.world  # per rank; cfg.grad_accum is the whole job's
-        meter, stop, loss = Meter(run, cfg, ddp.world), StopSignal(enabled=ddp.world == 1), None
+        # mixed precision; DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it
+        # can split the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass
+        device_type = torch.device(cfg.device).type
+        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        run.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+        run.scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+        run.train_model = run.model
+        if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
+            run.train_model = run.ddp_model = DistributedDataParallel(
+                run.model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
+        if cfg.compile:
+            run.train_model = torch.compile(run.train_model)
+        meter, stop, loss = Meter(run), safety.StopSignal(enabled=ddp.world == 1), None
         try:
             while True:
+                # evaluate and save every eval_interval iterations and at the end (not at the step resumed from)
                 if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
                                                      (run.iter_num > run.start_iter or not run.resumed)):
                     evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
                 if run.iter_num >= run.max_iters:
                     break
-                if stop.requested:
+                if stop.requested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
                     save(run, cfg, nca_cfg, ddp)
                     raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
                                      f"{run.ckpt_path}; continue with the same command and --resume")
+                # one optimizer step: micro_steps micro-batches (gradients summed), clip, AdamW
                 t_step, lr = time.time(), lr_at(run, cfg)
-                loss, tokens, data_time = optimizer_step(run, cfg, micro_steps, ddp.world)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                data_time, tokens, loss_sum = 0.0, 0, 0.0
+                for micro_step in range(ddp.micro_steps):
+                    t0 = time.time()
+                    x, y = run.data.get_batch("train")
+                    data_time += time.time() - t0
+                    if run.ddp_model is not None:  # average the gradients across ranks only on the last micro-step
+                        run.ddp_model.require_backward_grad_sync = micro_step == ddp.micro_steps - 1
+                    with run.autocast:
+                        _, loss = run.train_model(x, y)
+                    run.scaler.scale(loss / ddp.micro_steps).backward()
+                    loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU every time
+                    tokens += x.numel() * ddp.world  # fine-tuning batches vary in length
+                loss = ddp.mean(float(loss_sum) / ddp.micro_steps)  # the one wait for the GPU in a step
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"{stage}: training loss is {loss} at iteration {run.iter_num}; stopping "
+                                       f"without saving. {safety.kept_checkpoint(run.ckpt_path)}; try a lower "
+                                       f"--{stage}_lr")
+                if cfg.grad_clip > 0:
+                    run.scaler.unscale_(run.optimizer)
+                    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.iter_num += 1
+                run.tokens_seen += tokens
                 meter.step(time.time() - t_step, tokens, data_time)
                 if run.iter_num % cfg.log_interval == 0:
                     meter.log_line(loss, lr)
         finally:
             stop.restore()
+            run.data.close()
         stats = meter.summary()
         print(f"== {stage} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
               f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
               f"checkpoint {run.ckpt_path}")
         return run.ckpt_path, stats
-
-
-# -----------------------------------------------------------------------------
-# memory: an estimate before anything is allocated
-
-def check_memory(config, cfg, ddp):
-    """Print the estimated peak GPU memory of this stage; on a GPU, refuse a run that would not fit."""
-    estimate = estimate_memory(config, cfg.batch_size, cfg.dtype, cfg.grad_accum // ddp.world)
-    print(f"memory estimate: {describe_memory(estimate)}")
-    if torch.device(cfg.device).type == "cuda":
-        total = torch.cuda.get_device_properties(cfg.device).total_memory
-        if estimate["total"] > 0.95 * total:
-            raise ValueError(f"this run needs about {estimate['total'] / 2 ** 30:.1f} GiB of GPU memory and "
-                             f"{torch.cuda.get_device_name(cfg.device)} has {total / 2 ** 30:.1f} GiB: lower "
-                             f"--batch_size and raise --grad_accum (the same batch per step), or shrink the model")
-
-
-def describe_memory(estimate):
-    unit, size = ("GiB", 2 ** 30) if estimate["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
-    parts = ", ".join(f"{k} {v / size:.2f}" for k, v in estimate.items() if k not in ("total", "per_token_layer"))
-    return f"{estimate['total'] / size:.2f} {unit} ({parts})"
-
-
-# -----------------------------------------------------------------------------
-# benchmark and main
-
-def benchmark(cfg, model_cfg, nca_cfg, ddp):
-    """NCA tokens/s (raw and filtered), then stage-1 training tokens/s, data wait, MFU and peak memory."""
-    speed = nca.measure_throughput(nca_cfg, cfg.device, batch_size=cfg.batch_size, seq_len=model_cfg.block_size,
-                                   chunk=cfg.nca_chunk)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_cfg = dataclasses.replace(cfg, out_dir=tmp, eval_interval=10 ** 9, resume=False, init_from="")
-        _, stats = train_stage("prepretrain", bench_cfg, model_cfg, nca_cfg, "", ddp)
-    if torch.device(cfg.device).type == "cuda":
-        peak_memory = torch.cuda.max_memory_allocated(cfg.device) / 2 ** 30
-    else:
-        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-    estimate = estimate_memory(dataclasses.replace(model_cfg, vocab_size=nca_cfg.vocab_size), cfg.batch_size,
-                               cfg.dtype)["total"] / 2 ** 30
-    steady = stats["steady"]
-    mfu = f"{steady['mfu']:.1%}" if steady["mfu"] is not None else "n/a (no peak known for this device: --peak_tflops)"
-    print(f"bench: nca_raw_tokens_per_s={speed['raw']:.0f} nca_filtered_tokens_per_s={speed['filtered']:.0f} "
-          f"train_tokens_per_s={steady['tokens_per_s']:.0f} data_wait={steady['data_wait']:.1%} mfu={mfu} "
-          f"peak_memory_gib={peak_memory:.2f} estimated_memory_gib={estimate:.2f} device={cfg.device} "
-          f"world={ddp.world} (training numbers: the last {steady['steps']} steps, without the {WARMUP_STEPS} "
-          f"warm-up steps, evaluation and saving)")
-    return stats
-
-
-# -----------------------------------------------------------------------------
-# --check: every GPU path, small and fast, for the first run on a new machine
-
-class Checks:
-    """Runs commands of this repository in their own processes and keeps PASS / FAIL / SKIP per item."""
-
-    def __init__(self):
-        self.results = []
-
-    def record(self, name, ok, note):
-        self.results.append((name, ok, note))
-        print(f"check: {'PASS' if ok else 'FAIL' if ok is not None else 'SKIP'} {name} ({note})", flush=True)
-
-    def run(self, name, command, expect=()):
-        t0 = time.time()
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
-        missing = [e for e in expect if e not in proc.stdout]
-        ok = proc.returncode == 0 and not missing
-        note = f"{time.time() - t0:.0f}s"
-        if proc.returncode:
-            note += ": " + (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:300]
-        elif missing:
-            note += f": the output lacks {missing}"
-        self.record(name, ok, note)
-        return proc
-
-
-def gpu_check(cfg, model_cfg, nca_cfg):
-    """Run what a GPU user relies on, at a small size, and print PASS/FAIL per item and the benchmark line.
-    `python train.py --check --device cpu` runs the same items on the CPU (the test suite does)."""
-    gpu = torch.device(cfg.device).type == "cuda"
-    out, py, checks = os.path.join(cfg.out_dir, "check"), sys.executable, Checks()
-    shutil.rmtree(out, ignore_errors=True)
-    # the paths matter here, not the scale: a small model, and on the CPU a tiny one with a tiny NCA
-    small = ["--device", cfg.device, "--eval_iters", "2", "--log_interval", "10", "--data_dir", cfg.data_dir] + (
-        ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128", "--batch_size", "8"] if gpu else
-        ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "48", "--batch_size", "4",
-         "--grid", "6", "--num_colors", "4", "--band", "0.0", "1.0", "--nca_chunk", "64"])
-    if not gpu or torch.cuda.is_bf16_supported(including_emulation=False):
-        small += ["--dtype", "bfloat16"]
-    stages = ["--prepretrain_iters", "20", "--pretrain_iters", "20", "--finetune_iters", "10", "--eval_interval", "10"]
-    run = os.path.join(out, "run")
-    checks.run(f"three stages ({small[-1]}, fused AdamW {gpu}, NCA prefetch)",
-               [py, "train.py", *small, *stages, "--out_dir", run], expect=["== finetune done", f"fused={gpu}"])
-    checks.run("torch.compile", [py, "train.py", *small, "--stage", "pretrain", "--pretrain_iters", "20", "--compile",
-                                 "--out_dir", os.path.join(out, "compiled")], expect=["== pretrain done"])
-    check_resume_after_kill(checks, [py, "train.py", *small, "--stage", "pretrain", "--pretrain_iters", "200",
-                                     "--eval_interval", "20"], out, exact=not gpu)
-    if (torch.cuda.device_count() if gpu else 2) >= 2:  # on a CPU: 2 gloo processes
-        checks.run("torchrun, 2 processes, --stage all",
-                   [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *small,
-                    *stages, "--grad_accum", "2", "--out_dir", os.path.join(out, "ddp")], expect=["== finetune done"])
-    else:
-        checks.record("torchrun, 2 processes", None, "needs 2 GPUs")
-    checks.run("eval.py icl", [py, "eval.py", "icl", "--ckpt", f"{run}/prepretrain/ckpt.pt", "--device", cfg.device,
-                               "--num_rules", "8", "--out", os.path.join(out, "icl.png")], expect=["cell accuracy"])
-    checks.run("eval.py passk (generation with the KV cache)",
-               [py, "eval.py", "passk", "--ckpt", f"{run}/finetune/ckpt.pt", "--device", cfg.device, "--n", "4",
-                "--k", "1", "2", "--max_problems", "4"], expect=["pass@1"])
-    checks.run("eval.py export", [py, "eval.py", "export", "--ckpt", f"{run}/pretrain/ckpt.pt", "--out_dir",
-                                  os.path.join(out, "hf")], expect=["pytorch_model.bin"])
-    bench_model = ["--device", cfg.device, "--data_dir", cfg.data_dir] if gpu else small  # the default model on a GPU
-    bench = checks.run("train.py --bench", [py, "train.py", *bench_model, "--bench", "--prepretrain_iters", "30"],
-                       expect=["bench:"])
-    print("\n".join(line for line in bench.stdout.splitlines() if line.startswith("bench:")))
-    failed = [name for name, ok, _ in checks.results if ok is False]
-    print(f"check on {torch.cuda.get_device_name(cfg.device) if gpu else 'the cpu'}: "
-          + (f"FAILED: {'; '.join(failed)}" if failed else f"all {len(checks.results)} items passed or skipped"))
-    if failed:
-        raise SystemExit(1)
-
-
-def check_resume_after_kill(checks, command, out, exact):
-    """A run killed with SIGKILL after its first checkpoints and then resumed must log what a straight run logs:
-    bit for bit on a CPU; on a GPU within 1e-2 (some kernels, e.g. attention's backward, sum in varying order)."""
-    straight, killed = os.path.join(out, "straight"), os.path.join(out, "killed")
-    checks.run("resume: a straight run", command + ["--out_dir", straight])
-    proc = subprocess.Popen(command + ["--out_dir", killed], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    log_path, deadline = os.path.join(killed, "pretrain", "log.jsonl"), time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if os.path.exists(log_path) and open(log_path).read().count("\n") >= 3:  # iterations 0, 20, 40 logged
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    checks.run("resume: kill -9 mid-run, then --resume", command + ["--out_dir", killed, "--resume"],
-               expect=["resuming"])
-    logs = [read_jsonl(os.path.join(run, "pretrain", "log.jsonl")) for run in (straight, killed)]
-    worst = max((abs(a["val_loss"] - b["val_loss"]) for a, b in zip(*logs)), default=math.inf)
-    same = [r["iter"] for r in logs[0]] == [r["iter"] for r in logs[1]]
-    limit = 0.0 if exact else 1e-2
-    checks.record("resume: the resumed log equals the straight one", same and worst <= limit,
-                  f"largest val-loss difference {worst:.1e}, allowed {limit:.0e}")
 
 
 def prepare_datasets(cfg, stages, ddp):
@@ -1128,7 +716,7 @@ def prepare_datasets(cfg, stages, ddp):
                 prepared(cfg, name, "pairs")
                 if cfg.pretrain_data in OFFLINE_DATA:  # a from-scratch fine-tune uses its tokenizer
                     prepared(cfg, cfg.pretrain_data, "tokens")
-            elif not (stage == "prepretrain" and name in NCA_DATA):
+            elif not (stage == "prepretrain" and name in STREAMED):
                 prepared(cfg, name, "tokens")
     if ddp.world > 1:
         dist.barrier()
@@ -1142,10 +730,6 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     print("config:", json.dumps({**asdict(cfg), **asdict(model_cfg), **asdict(nca_cfg)}))
     try:
-        if cfg.check:
-            return gpu_check(cfg, model_cfg, nca_cfg)
-        if cfg.bench:
-            return benchmark(cfg, model_cfg, nca_cfg, ddp)
         stages = [s for s in (STAGES if cfg.stage == "all" else (cfg.stage,)) if getattr(cfg, f"{s}_iters") > 0]
         prepare_datasets(cfg, stages, ddp)
         init_path = cfg.init_from
@@ -1153,7 +737,11 @@ def main(argv=None):
             if stage not in stages:
                 print(f"== {stage}: 0 iterations, skipped")
                 continue
+            # the previous stage's model, optimizer, data and prefetch thread are gone by now: only its checkpoint
+            # (init_path) carries over, so the next stage's memory is its own
             init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+            if torch.device(cfg.device).type == "cuda":
+                torch.cuda.empty_cache()  # hand the cached blocks of the stage before back to the allocator
             if ddp.world > 1:
                 dist.barrier()  # the next stage (and the exit) waits for rank 0's checkpoint
     finally:

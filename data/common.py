@@ -28,6 +28,8 @@ DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZERS = ("bytes", "gpt2")
 EOT_TEXT = "<|endoftext|>"
 UINT16_LIMIT = 2**16  # uint16 holds ids 0 .. 65535
+OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
+STREAMED = ("nca", "nca-shuffled")  # stage-1 data that nca.py makes on the fly: no files
 # the paper's web corpora, prepared by data/hf/prepare.py: name -> (Hugging Face id, config, text field)
 HF_CORPORA = {
     "openwebtext": ("Skylion007/openwebtext", None, "text"),

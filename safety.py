@@ -1,0 +1,462 @@
+"""
+Run safety for train.py: everything that keeps a run from starting wrong or ending with lost work, kept out of the
+method so that train.py reads as the method. Each guard is called from train.py in one line.
+
+  validate            every flag, checkpoint and dataset checked before any work, one message naming the flag
+  check_memory        the estimated peak memory of a stage (estimate_memory) against the device's, before step 1
+  load_checkpoint     a checkpoint read to the CPU with weights_only=True: nothing read from disk can run code
+  save_checkpoint     written to a temporary file, then renamed: a kill mid-save keeps the previous checkpoint
+  stage_lock          one run per stage folder
+  trim_log            --resume cuts a stage's log back to its checkpoint
+  check_resume        --resume refuses flags that differ from the checkpoint's
+  StopSignal          Ctrl-C / SIGTERM stop after the current step, with a checkpoint
+"""
+import argparse
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from data.common import OFFLINE_DATA, STREAMED, check_prepared, load_meta, load_pairs
+from model import GROUPS, ModelConfig
+
+# -----------------------------------------------------------------------------
+# before any work: flags, checkpoints, data
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line naming it, not the whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def split_groups(flag, value):
+    groups = [g for g in value.split(",") if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"--{flag}: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    return groups
+
+
+def validate(cfg, model_cfg, nca_cfg, all_stages):
+    """Every check that can be made before any work, with a message naming the flag and the fix."""
+    if cfg.stage not in all_stages + ("all",):
+        raise ValueError(f"--stage {cfg.stage!r}: choose one of {', '.join(all_stages)} or all")
+    validate_flags(cfg, all_stages)
+    model_cfg.validate()
+    stages = all_stages if cfg.stage == "all" else (cfg.stage,)
+    validate_out_dir(cfg.out_dir)
+    validate_checkpoints(cfg, model_cfg, nca_cfg, stages)
+    for stage in stages:
+        validate_data(stage, cfg, model_cfg, nca_cfg)
+        if getattr(cfg, f"{stage}_iters") > 0:
+            check_memory(model_cfg, cfg, stage_vocab(stage, cfg, nca_cfg), int(os.environ.get("WORLD_SIZE", 1)),
+                         quiet=True)
+
+
+def validate_flags(cfg, all_stages):
+    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.nca_chunk < 0:
+        raise ValueError(f"--nca_chunk must be >= 0 (0 picks by device), got {cfg.nca_chunk}")
+    if cfg.nca_num_rules < 0 or cfg.nca_num_rules > 10 ** 8:
+        raise ValueError(f"--nca_num_rules {cfg.nca_num_rules}: use 0 (a fresh rule per sequence) or a pool of 1 to "
+                         f"10^8 rules (the paper: 16000)")
+    for stage in all_stages:
+        if getattr(cfg, f"{stage}_iters") < 0:
+            raise ValueError(f"--{stage}_iters must be >= 0, got {getattr(cfg, f'{stage}_iters')}")
+        lr = getattr(cfg, f"{stage}_lr")
+        if not 0 < lr < 1:
+            raise ValueError(f"--{stage}_lr={lr} is out of range; learning rates are in (0, 1), e.g. 1e-3")
+    for name in ("warmup_frac", "min_lr_frac"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {cfg.dtype!r}: choose float32, bfloat16 or float16")
+    for flag, value, choices in (("prepretrain_schedule", cfg.prepretrain_schedule, ("cosine", "ramp")),
+                                 ("embed_init", cfg.embed_init, ("small", "torch"))):
+        if value not in choices:
+            raise ValueError(f"--{flag} {value!r}: choose {' or '.join(choices)}")
+    validate_device(cfg.device)
+    validate_optimizer(cfg)
+    if cfg.reinit != "auto":
+        split_groups("reinit", cfg.reinit)
+    if set(split_groups("freeze", cfg.freeze)) >= set(GROUPS):
+        raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
+
+
+def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
+    """out_dir, --init_from and --resume (read lazily with mmap: a big checkpoint costs nothing here)."""
+    if cfg.init_from and cfg.resume:
+        raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
+    if cfg.init_from:
+        load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
+    if cfg.resume:  # the flags that shape the model, the schedule and the data must be the checkpoint's
+        for stage in stages:
+            path = os.path.join(cfg.out_dir, stage, "ckpt.pt")
+            if os.path.exists(path):
+                check_resume(load_checkpoint(path, "--resume: ", mmap=True), stage, cfg, model_cfg, nca_cfg, path)
+
+
+def validate_data(stage, cfg, model_cfg, nca_cfg):
+    """The stage's dataset exists and looks whole (the offline ones are made on first use)."""
+    if not os.path.isdir(cfg.data_dir):
+        raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
+    name = getattr(cfg, f"{stage}_data")
+    if stage == "prepretrain" and name in STREAMED:
+        if model_cfg.block_size < nca_cfg.frame_len:
+            raise ValueError(f"--block_size {model_cfg.block_size} is shorter than one NCA frame "
+                             f"({nca_cfg.frame_len} tokens); use at least {2 * nca_cfg.frame_len}")
+        return
+    if name in OFFLINE_DATA:
+        return
+    data_dir = os.path.join(cfg.data_dir, name)
+    if not os.path.isdir(data_dir):
+        known = sorted({d for d in os.listdir(cfg.data_dir) if os.path.isdir(os.path.join(cfg.data_dir, d))}
+                       - {"hf", "__pycache__"} | set(OFFLINE_DATA))
+        raise ValueError(f"--{stage}_data {name!r}: there is no {data_dir}; datasets there or made offline: "
+                         f"{', '.join(known)} (the web corpora: python -m data.hf.prepare --dataset NAME)")
+    if stage == "finetune":  # missing or broken files: say so now, not hours later
+        load_meta(data_dir, name)
+        for split in ("train", "val"):
+            load_pairs(data_dir, split, name)
+    else:
+        check_prepared(data_dir, name)
+
+
+def validate_device(device):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no GPU here (a CPU-only torch build, or no driver); use "
+                             f"--device cpu")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif kind != "cpu":
+        raise ValueError(f"--device {device}: train.py runs on cpu or cuda")
+
+
+def validate_optimizer(cfg):
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)} (AdamW's usual: 0.9 and 0.95)")
+    for name in ("weight_decay", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file of this process in the same folder, then rename it over the old checkpoint: a kill
+    mid-save leaves the previous checkpoint whole. A failed save removes its temporary file."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        free = shutil.disk_usage(folder).free  # before the partial file is removed
+        if free < 2 ** 26:  # torch.save says "unexpected pos ..." when the disk fills up
+            raise RuntimeError(f"saving {path}: the disk is full ({free / 2 ** 20:.0f} MiB free); free some space "
+                               f"and continue with --resume (the previous checkpoint is kept)") from e
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def stage_lock(stage_dir, master=True, share=lambda refusal: refusal):
+    """One run per stage folder: rank 0 (master) holds an exclusive lock on stage_dir/lock while the stage runs, and
+    a second run on the same folder stops at once with a message naming the first. share(refusal) hands rank 0's
+    refusal (or None) to every rank, so that all ranks of a refused torchrun job stop, not rank 0 alone."""
+    if not master:
+        refusal = share(None)
+        if refusal:
+            raise RuntimeError(refusal)
+        yield
+        return
+    with open(os.path.join(stage_dir, "lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            refusal = None
+        except BlockingIOError:
+            f.seek(0)
+            refusal = (f"{stage_dir} is in use by another run ({f.read().strip() or 'unknown'}); wait for it to "
+                       f"finish or give this run another --out_dir")
+        if share(refusal):
+            raise RuntimeError(refusal)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        f.flush()
+        for name in os.listdir(stage_dir):  # what a run killed mid-save left (no other writer can be at work now)
+            if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
+                os.remove(os.path.join(stage_dir, name))
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_log(log_path, record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(log_path, iter_num):
+    """On --resume: keep the records up to the checkpoint's iteration (later ones are made again) and drop a torn or
+    blank line that a kill mid-write left. A missing log starts anew."""
+    if not os.path.exists(log_path):
+        print(f"--resume: {log_path} is missing; a new log starts at iteration {iter_num}")
+        return
+    kept = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("iter", math.inf) <= iter_num:
+                kept.append(json.dumps(record) + "\n")
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "warmup_frac", "min_lr_frac")
+
+
+def check_resume(checkpoint, stage, cfg, model_cfg, nca_cfg, ckpt_path):
+    """--resume continues a run as it was planned: flags that shape the model, the schedule or the data must be the
+    checkpoint's, or the run would silently keep the old model or re-plan its learning rate."""
+    saved, saved_cfg = checkpoint["model_args"], checkpoint.get("config", {})
+    differ = [f"--{k} {v} (checkpoint: {saved.get(k)})" for k, v in asdict(model_cfg).items()
+              if k != "vocab_size" and saved.get(k) != v]
+    for k in (f"{stage}_iters", f"{stage}_lr", f"{stage}_data") + RESUME_MUST_MATCH:
+        if saved_cfg.get(k) != getattr(cfg, k):
+            differ.append(f"--{k} {getattr(cfg, k)} (checkpoint: {saved_cfg.get(k)})")
+    saved_nca = checkpoint.get("nca_config")
+    if saved_nca is not None:
+        differ += [f"--{k} {v} (checkpoint: {saved_nca.get(k)})" for k, v in asdict(nca_cfg).items()
+                   if saved_nca.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume: {ckpt_path} was made with other settings: {'; '.join(differ)}. Resume with the "
+                         f"checkpoint's values, or start afresh with another --out_dir")
+
+
+def check_resume_world(checkpoint, ckpt_path, world):
+    if len(checkpoint["rank_state"]) != world:
+        raise ValueError(f"--resume: {ckpt_path} was written by {len(checkpoint['rank_state'])} processes; resume "
+                         f"it with as many (this job has {world}) to continue the same data order")
+
+
+def check_token_file(path, vocab_size, block_size, remake):
+    """A token split must hold more than a block and no id past the vocabulary (on CUDA a bad id is an assert)."""
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(tokens) <= block_size + 1:
+        raise ValueError(f"{path} holds {len(tokens)} tokens, too few for --block_size {block_size}")
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{path} holds token id {int(tokens.max())}, but its meta.json says vocab_size "
+                         f"{vocab_size}; remake the folder: {remake}")
+
+
+def kept_checkpoint(ckpt_path):
+    """For a run stopped by a bad loss: what is left to continue from."""
+    if os.path.exists(ckpt_path):
+        return f"The last good checkpoint is kept in {ckpt_path}"
+    return "No checkpoint of this stage was written yet"
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; the loop then saves a checkpoint at
+    that iteration, so --resume loses nothing. A second signal stops at once. One process only: under torchrun the
+    ranks would not agree on the step, and the last evaluation's checkpoint is what --resume continues."""
+
+    def __init__(self, enabled):
+        self.requested, self.previous = None, {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# memory: an estimate before anything is allocated
+
+def split_batch(cfg, world):
+    """How `world` processes share an optimizer step of batch_size x grad_accum sequences (the same global batch for
+    any number of processes): (sequences per process and micro-step, micro-steps per process). The micro-steps are
+    shared out when they divide evenly (as nanoGPT does), else each micro-batch is."""
+    if cfg.grad_accum % world == 0:
+        return cfg.batch_size, cfg.grad_accum // world
+    if cfg.batch_size % world == 0:
+        return cfg.batch_size // world, cfg.grad_accum
+    raise ValueError(f"--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum} sequences per step cannot be "
+                     f"shared evenly by {world} processes; make --batch_size or --grad_accum a multiple of {world}")
+
+
+def validate_out_dir(out_dir):
+    """out_dir must be a folder this process can create and write to (not "", a file, or under a file)."""
+    if not out_dir.strip():
+        raise ValueError('--out_dir "": give a folder for the runs, e.g. --out_dir out')
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):  # the nearest existing folder above it is where it will be made
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--out_dir {out_dir}: {path} is a file, not a folder; give a folder (it will hold "
+                         f"<stage>/ckpt.pt)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {out_dir}: {path} is not writable by this user; give a folder you can write to")
+
+
+def stage_vocab(stage, cfg, nca_cfg):
+    """The vocabulary a stage will train on, from its metadata alone (an offline dataset not yet made: 257 bytes)."""
+    name = getattr(cfg, f"{stage}_data")
+    if stage == "prepretrain" and name in STREAMED:
+        return nca_cfg.vocab_size
+    data_dir = os.path.join(cfg.data_dir, cfg.pretrain_data if stage == "finetune" else name)
+    try:
+        return load_meta(data_dir)["vocab_size"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 257
+
+
+def device_memory(device):
+    """(bytes this process may use, what they are): free GPU memory, or the RAM the kernel says is available."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available, "of RAM available"
+
+
+def check_memory(model_cfg, cfg, vocab_size, world=1, quiet=False):
+    """Refuse a stage whose estimated peak memory (estimate_memory, per process) exceeds what the device has free;
+    print the estimate unless quiet. Run before any data or model is made, so a size too big fails in seconds."""
+    per_rank_batch, micro_steps = split_batch(cfg, world)
+    config = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    estimate = estimate_memory(config, per_rank_batch, cfg.dtype, micro_steps)
+    if not quiet:
+        print(f"memory estimate: {describe_memory(estimate)}")
+    limit, what = device_memory(cfg.device)
+    if estimate["total"] > 0.95 * limit:
+        raise ValueError(f"--block_size {model_cfg.block_size} x --batch_size {cfg.batch_size} needs about "
+                         f"{estimate['total'] / 2 ** 30:,.1f} GiB (estimate_memory), and {limit / 2 ** 30:,.1f} GiB "
+                         f"are {what}: lower --batch_size and raise --grad_accum (the same batch per step), or "
+                         f"shrink --block_size or the model")
+
+
+def describe_memory(estimate):
+    unit, size = ("GiB", 2 ** 30) if estimate["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
+    parts = ", ".join(f"{k} {v / size:.2f}" for k, v in estimate.items() if k not in ("total", "per_token_layer"))
+    return f"{estimate['total'] / size:.2f} {unit} ({parts})"
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def estimate_memory(config: ModelConfig, batch_size, dtype="bfloat16", grad_accum=1):
+    """Bytes that a training step of GPT(config) needs at its peak, from the config alone (nothing is allocated),
+    to choose --batch_size before a run. batch_size is the micro-batch, of block_size tokens per row; dtype is
+    the autocast dtype ("float32": no autocast); every parameter is taken as trainable. Returns a dict:
+      weights           float32 master weights, 4 bytes per parameter
+      gradients         float32, 4 per parameter
+      adamw             exp_avg and exp_avg_sq, 8 per parameter
+      autocast_weights  the copy in dtype of every linear weight that autocast makes and backward keeps
+      activations       what the forward keeps for backward (formula below), batch_size * block_size tokens
+      logits            (a + 12) bytes per token and vocabulary entry, all alive as backward starts: the
+                        logits in dtype, the float32 log-probabilities cross-entropy keeps, their gradient and
+                        the gradient of the float32 logits
+      total             the peak of every step after the first (the first makes the AdamW state at its end),
+                        with grad_accum = 1 (grads set to None after each step, as train.py does):
+                        weights + adamw + max(autocast_weights + activations + logits, gradients), since backward
+                        frees activations as it makes gradients; with grad_accum > 1 all of it at once
+      per_token_layer   activations of one token in one layer (the formula)
+    Activations of one token in one layer, in bytes, with a = bytes of dtype, C = n_embd, H = hidden_dim:
+      RMSNorm x 2        16C + 8    float32 input and normalised output, 1/rms (the residual stream is float32)
+      linear inputs      5aC        autocast casts the norm's output separately for q, k, v, gate and up
+                         (8C)       float32: the two norms' outputs, each shared by its linears
+      attention          4aC + 4nh  rotated q, k, v and the output (which is o_proj's input), log-sum-exp
+      SwiGLU             4aH        gate, silu(gate), up and their product (down_proj's input)
+    = 34C + 8H + 4nh + 8 in bfloat16 (132.1 KiB at C=2048, H=8192, nh=16; 132.6 KiB was measured on a GPU),
+      40C + 16H + 4nh + 8 in float32. Plus per token: input ids and targets (16), the final norm (8C + 4) and
+    lm_head's input (aC, or 4C in float32); plus, under autocast, each layer's casts of the rotary tables.
+    Assumes a fused attention kernel (flash or memory-efficient, as on GPUs and in CPU builds of torch 2.x):
+    O(T) per head. The math fallback would also keep (B, nh, T, T) attention weights per layer. Not counted:
+    the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation (leave ~10% headroom), and
+    torch.compile, which fuses element-wise ops and keeps less. Checked on CPU (test_smoke.py): activations
+    exactly as autograd saves them; total within 3% of a step's peak resident memory."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    a = DTYPE_BYTES[dtype]
+    autocast = dtype != "float32"
+    C, H, nh, T, V, L = (config.n_embd, config.hidden_dim, config.n_head, config.block_size, config.vocab_size,
+                         config.n_layer)
+    tokens = batch_size * T
+    linear_params = L * (4 * C * C + 3 * C * H) + V * C  # attention, MLP, lm_head
+    params = linear_params + V * C + L * 2 * C + C  # + embedding table, norm gains
+    per_token_layer = (16 * C + 8) + (5 * a * C if autocast else 8 * C) + (4 * a * C + 4 * nh) + 4 * a * H
+    per_token_outside = 16 + (8 * C + 4) + (a * C if autocast else 4 * C)
+    rope_casts = L * 4 * T * (C // nh) * a if autocast else 0  # cos and sin, for q and for k
+    memory = {
+        "weights": 4 * params,
+        "gradients": 4 * params,
+        "adamw": 8 * params,
+        "autocast_weights": a * linear_params if autocast else 0,
+        "activations": tokens * (L * per_token_layer + per_token_outside) + rope_casts,
+        "logits": tokens * V * (a + 4 + 4 + 4),
+        "per_token_layer": per_token_layer,
+    }
+    in_flight = memory["autocast_weights"] + memory["activations"] + memory["logits"]
+    if grad_accum > 1:  # later micro-steps run forward and backward with every gradient held
+        in_flight += memory["gradients"]
+    memory["total"] = memory["weights"] + memory["adamw"] + max(in_flight, memory["gradients"])
+    return memory
+
+
+def load_checkpoint(path, flag="", mmap=False):
+    """A checkpoint of train.py, always loaded to the CPU: the caller moves what runs (weights with model.to,
+    optimizer state with optimizer.load_state_dict), and the RNG states stay CPU byte tensors, the only kind
+    generators accept. weights_only=True: loading builds tensors and plain containers, never runs code from the file.
+    mmap=True reads tensors lazily (to look at the settings of a big checkpoint). flag names the flag in messages."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}{path}: no checkpoint file at that path; train.py writes out_dir/<stage>/ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ValueError(f"{flag}{path} is not a checkpoint torch can load safely ({type(e).__name__}); "
+                         f"give a ckpt.pt written by train.py") from e
+    if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
+        raise ValueError(f"{flag}{path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
+    return checkpoint
