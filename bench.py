@@ -27,6 +27,7 @@ import torch
 import nca
 import safety
 import train
+from distributed import setup_distributed
 from data.common import read_jsonl
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -111,7 +112,7 @@ def bench_train(cfg, model_cfg, nca_cfg, peak_tflops=0.0):
     if cfg.prepretrain_iters <= WARMUP_STEPS:
         raise ValueError(f"the benchmark measures stage 1 after {WARMUP_STEPS} warm-up steps; --prepretrain_iters "
                          f"{cfg.prepretrain_iters} leaves none, use e.g. --prepretrain_iters 50")
-    ddp = train.setup_distributed(cfg)
+    ddp = setup_distributed(cfg)
     speed = measure_throughput(nca_cfg, cfg.device, batch_size=ddp.batch_size, seq_len=model_cfg.block_size,
                                chunk=cfg.nca_chunk)
     with tempfile.TemporaryDirectory() as tmp:

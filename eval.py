@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import nca
 from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
 from model import GPT, ModelConfig
+import safety
+from plots import plot_icl, plot_probe
 from safety import load_checkpoint
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,21 +41,6 @@ def load_model(ckpt_path, device):
     model = GPT(ModelConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt.pop("model"), strict=True)
     return model.to(device).eval(), ckpt
-
-
-def pyplot():
-    """matplotlib's pyplot without a display (imported only by the commands that plot)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, out):
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    pyplot().close(fig)
-    print(f"wrote {out}")
 
 
 class Progress:
@@ -69,16 +56,6 @@ class Progress:
 
 # -----------------------------------------------------------------------------
 # perplexity on a fixed evaluation set
-
-
-def check_text_data(ckpt, meta, data_dir, ckpt_path):
-    """The dataset must be tokenised the way the checkpoint was trained, or the loss is meaningless."""
-    trained = ckpt["data"]
-    if (meta["tokenizer"], meta["vocab_size"]) != (trained["tokenizer"], trained["vocab_size"]):
-        raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocab {meta['vocab_size']}) but "
-                         f"{ckpt_path} was trained with {trained['tokenizer']} (vocab {trained['vocab_size']}); "
-                         f"pick a dataset prepared with --tokenizer {trained['tokenizer']}")
-
 
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size, device):
@@ -113,7 +90,7 @@ def run_perplexity(args):
     name = args.dataset or ckpt["data"]["name"]
     data_dir = args.data_dir or os.path.join(DATA_DIR, name)
     meta = check_prepared(data_dir, name)
-    check_text_data(ckpt, meta, data_dir, args.ckpt)
+    safety.check_text_data(ckpt, meta, data_dir, args.ckpt)
     block_size = args.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise ValueError(f"--block_size {block_size} exceeds the model's block_size {model.config.block_size}")
@@ -128,19 +105,11 @@ def run_perplexity(args):
 # -----------------------------------------------------------------------------
 # NCA in-context accuracy on held-out rules
 
-
-class HeldOutStream(nca.NCAStream):
-    """An NCAStream with held_out=True: every rule and grid seed has the top bit 2^31 set, which no training seed has
-    (training streams' seeds are in [0, 2^31), nca.stream_seeds). nca's hash reads all 32 bits of a seed, so the
-    evaluation rules are guaranteed to be ones no training run has seen, whatever its seed."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, held_out=True, **kwargs)
-
-
 def held_out_sequences(cfg, num_rules, num_frames, seed, device="cpu"):
-    """(num_rules, num_frames * frame_len) tokens of new rules that pass the checkpoint's gzip band."""
-    stream = HeldOutStream(cfg, num_rules, num_frames * cfg.frame_len - 1, seed=seed, device=device)
+    """(num_rules, num_frames * frame_len) tokens of new rules that pass the checkpoint's gzip band. held_out: every
+    rule and grid seed has the top bit 2^31 set, which no training seed has (nca.stream_seeds), so no training run,
+    whatever its seed, has seen these rules."""
+    stream = nca.NCAStream(cfg, num_rules, num_frames * cfg.frame_len - 1, seed=seed, device=device, held_out=True)
     x, y = stream.next_batch()
     return torch.cat([x, y[:, -1:]], dim=1)  # x lacks the last token; y has it (only the first frame is masked)
 
@@ -190,22 +159,6 @@ def icl_accuracy(model, sequences, cfg, max_k, log=print):
         results["copy_accuracy"].append((previous == truth).float().mean().item())
         log(f"icl: k={k} cell accuracy {results['cell_accuracy'][-1]:.3f}")
     return results
-
-
-def plot_icl(results, out, title):
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(results["k"], results["cell_accuracy"], "o-", label="cell accuracy")
-    ax.plot(results["k"], results["frame_accuracy"], "s-", label="whole-frame accuracy")
-    ax.plot(results["k"], results["copy_accuracy"], "k--", label="baseline: copy the last frame (cells)")
-    ax.set_xticks(results["k"])
-    ax.set_xlabel("frames of context k")
-    ax.set_ylabel("accuracy on frame k+1")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    save_figure(fig, out)
 
 
 def run_icl(args):
@@ -386,7 +339,7 @@ def probe_batches(model, ckpt, args):
     if ckpt.get("nca_config") is not None:
         cfg = nca.NCAConfig(**ckpt["nca_config"])
         seed = (ckpt.get("config") or {}).get("seed", 0) if args.seed is None else args.seed
-        stream = HeldOutStream(cfg, args.batch_size, block, seed=seed, device=args.device)
+        stream = nca.NCAStream(cfg, args.batch_size, block, seed=seed, device=args.device, held_out=True)
         return [stream.next_batch() for _ in range(args.num_batches)], cfg.frame_len, (cfg.start_token,
                                                                                         cfg.end_token)
     trained_on = (ckpt.get("config") or {}).get("pretrain_data") if ckpt["stage"] == "finetune" else \
@@ -395,7 +348,7 @@ def probe_batches(model, ckpt, args):
     if not (name or args.data_dir):
         raise ValueError(f"{args.ckpt} was fine-tuned on prompt/completion pairs; name a token dataset with --dataset")
     data_dir = args.data_dir or os.path.join(DATA_DIR, name)
-    check_text_data(ckpt, check_prepared(data_dir, name), data_dir, args.ckpt)
+    safety.check_text_data(ckpt, check_prepared(data_dir, name), data_dir, args.ckpt)
     tokens = np.memmap(os.path.join(data_dir, f"{args.split}.bin"), dtype=np.uint16, mode="r")
     if len(tokens) <= block + 1:
         raise ValueError(f"{data_dir}/{args.split}.bin holds {len(tokens)} tokens, too few for a block of {block}")
@@ -417,24 +370,6 @@ def loss_profile(losses, by_frame, buckets=8):
     return "loss by position: " + " ".join(parts)
 
 
-def plot_probe(losses, icl, out, title, frame_len=None):
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(np.arange(len(losses)), losses, lw=0.8, color="gray", label="loss at position")
-    if frame_len:
-        by_frame = icl["loss_by_frame"]
-        centres = np.arange(len(by_frame)) * frame_len - 1 + frame_len / 2
-        ax.plot(centres, by_frame, "o-", color="C0", label="mean loss of the frame")
-    for (start, stop), name, color in ((icl["early"], "early", "C2"), (icl["late"], "late", "C3")):
-        ax.axvspan(start, stop, color=color, alpha=0.15, label=f"{name} window [{start}, {stop})")
-    ax.set_xlabel("position in the block (predicting the next token)")
-    ax.set_ylabel("validation loss (nats)")
-    ax.set_title(f"{title}\nin-context score {icl['icl_score']:+.3f} (late - early)", fontsize=9)
-    ax.legend(fontsize=8)
-    save_figure(fig, out)
-
-
 def run_probe(args):
     model, ckpt = load_model(args.ckpt, args.device)
     batches, frame_len, exclude = probe_batches(model, ckpt, args)
@@ -453,7 +388,6 @@ def run_probe(args):
 
 # -----------------------------------------------------------------------------
 # pass@k on stage-3 tasks
-
 
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a product that cannot overflow."""
@@ -532,19 +466,9 @@ def run_passk(args):
 # -----------------------------------------------------------------------------
 # export to a Hugging Face Llama checkpoint (torch only: config.json + pytorch_model.bin)
 
-
 def to_hf_names(state_dict):
     """Our names are LlamaForCausalLM's without the "model." prefix, which only the output head lacks there too."""
     return {(name if name == "lm_head.weight" else "model." + name): t for name, t in state_dict.items()}
-
-
-def from_hf_names(hf_state_dict):
-    state_dict = {}
-    for name, tensor in hf_state_dict.items():
-        if name != "lm_head.weight" and not name.startswith("model."):
-            raise ValueError(f"{name!r} is not a LlamaForCausalLM parameter name")
-        state_dict[name if name == "lm_head.weight" else name[len("model."):]] = tensor
-    return state_dict
 
 
 def hf_config(model_args, data):
@@ -561,7 +485,10 @@ def hf_config(model_args, data):
     }
 
 
-def export_hf(model, ckpt, out_dir):
+def run_export(args):
+    safety.validate_out_dir(args.out_dir, "--out_dir")
+    model, ckpt = load_model(args.ckpt, "cpu")
+    out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(ckpt["model_args"], ckpt.get("data")), f, indent=2)
@@ -573,16 +500,11 @@ def export_hf(model, ckpt, out_dir):
           f"{tokenizer or 'NCA patch tokens'} (data.common.get_tokenizer)")
 
 
-def run_export(args):
-    model, ckpt = load_model(args.ckpt, "cpu")
-    export_hf(model, ckpt, args.out_dir)
-
 # -----------------------------------------------------------------------------
 # command line
 
-
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = safety.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, function, help):
@@ -592,13 +514,6 @@ def build_parser():
         sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
         return sub
 
-    add_text_commands(command)
-    add_context_commands(command)
-    return parser
-
-
-def add_text_commands(command):
-    """perplexity, passk and export: a text checkpoint's loss, its task accuracy, and its weights for transformers."""
     sub = command("perplexity", run_perplexity, "mean loss and perplexity on a fixed set of windows of a split")
     sub.add_argument("--dataset", help="data/<name> to score (default: the checkpoint's training data)")
     sub.add_argument("--data_dir", help="a prepared dataset folder anywhere (overrides --dataset)")
@@ -622,9 +537,6 @@ def add_text_commands(command):
     sub = command("export", run_export, "write a Hugging Face LlamaForCausalLM folder (config.json, pytorch_model.bin)")
     sub.add_argument("--out_dir", required=True, help="folder to write")
 
-
-def add_context_commands(command):
-    """icl and probe: how much a checkpoint uses its context."""
     sub = command("icl", run_icl, "NCA in-context accuracy: predict frame k+1 of held-out rules from k frames")
     sub.add_argument("--num_rules", type=int, default=64, help="held-out rules (one sequence each)")
     sub.add_argument("--max_k", type=int, default=0, help="largest number of context frames (default: as many as "
@@ -644,31 +556,13 @@ def add_context_commands(command):
     sub.add_argument("--seed", type=int, help="seed of the held-out NCA rules (default: the training run's) or of "
                                               "the text windows (default: 1234, train.py's)")
     sub.add_argument("--out", help="plot of loss by position (default: probe.png next to the checkpoint)")
-
-
-POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")
-
-
-def check_args(args):
-    """The numbers of every subcommand, checked before any model is loaded."""
-    for name in POSITIVE:
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("block_size", "max_tokens"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1 (or left out), got {getattr(args, name)}")
-    if getattr(args, "max_k", 0) < 0:
-        raise ValueError(f"--max_k must be >= 1 (0 or left out: as many as the model's block holds), got {args.max_k}")
-    if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
-    if hasattr(args, "top_p") and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        check_args(args)
+        safety.check_eval_args(args)
         return args.function(args)
     except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
         sys.exit(f"eval.py {args.command}: error: {e}")

@@ -21,11 +21,13 @@ Usage:
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+import safety
 
 GROUPS = ("embedding", "head", "attention", "mlp", "norm")  # component groups for the transfer study
 
@@ -55,24 +57,6 @@ class ModelConfig:
         # SwiGLU has three matrices instead of two, so 2/3 of the usual 4*n_embd keeps the parameter count
         hidden = int(2 * 4 * self.n_embd / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def validate(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("dropout", "ffn_dim") and not value > 0:
-                raise ValueError(f"--{f.name}={value} must be positive")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}; every head gets "
-                             f"n_embd/n_head channels, so pick an n_embd that is a multiple of {self.n_head}")
-        head_dim = self.n_embd // self.n_head
-        if head_dim % 2 != 0:
-            raise ValueError(f"head dim --n_embd/--n_head = {self.n_embd}/{self.n_head} = {head_dim} is odd; rotary "
-                             f"embeddings rotate pairs of channels, so use an n_embd that is a multiple of "
-                             f"2*n_head = {2 * self.n_head}")
-        if self.ffn_dim < 0:
-            raise ValueError(f"--ffn_dim={self.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to --multiple_of)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout={self.dropout} must be in [0, 1) (0 disables it)")
 
 
 class RMSNorm(nn.Module):
@@ -191,7 +175,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        config.validate()
+        safety.check_model_config(config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -321,39 +305,12 @@ def param_group(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to none of the groups {GROUPS}")
 
 
-def _shape_of_checkpoint(state_dict):
-    """What a state dict says about the model it came from, to explain a mismatch."""
-    layers = {k.split(".")[1] for k in state_dict if k.startswith("layers.")}
-    shape = {"n_layer": len(layers)} if layers else {}
-    if "norm.weight" in state_dict:
-        shape["n_embd"] = state_dict["norm.weight"].shape[0]
-    if "layers.0.mlp.gate_proj.weight" in state_dict:
-        shape["hidden_dim"] = state_dict["layers.0.mlp.gate_proj.weight"].shape[0]
-    if "embed_tokens.weight" in state_dict:
-        shape["vocab_size"] = state_dict["embed_tokens.weight"].shape[0]
-    return shape
-
-
-def _likely_cause(state_dict, config, reinit):
-    old = _shape_of_checkpoint(state_dict)
-    new = {"n_layer": config.n_layer, "n_embd": config.n_embd, "hidden_dim": config.hidden_dim}
-    if not {"embedding", "head"} <= set(reinit):  # otherwise a new vocabulary is intended
-        new["vocab_size"] = config.vocab_size
-    differ = [f"{k} differs between the checkpoint ({old[k]}) and the new config ({new[k]})"
-              for k in old if k in new and old[k] != new[k]]
-    if any(k.startswith("_orig_mod.") for k in state_dict):
-        differ.append("the checkpoint was saved from a torch.compile'd model (\"_orig_mod.\" prefixes)")
-    if "hidden_dim" in old and old["hidden_dim"] != new["hidden_dim"] and old.get("n_embd") == new["n_embd"]:
-        differ.append("the MLP width depends on --multiple_of too")
-    return "; ".join(differ) or "the checkpoint does not come from this model.py"
-
-
 def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), log=print) -> GPT:
     """Build GPT(new_config) and copy in every tensor of state_dict whose group is not in reinit.
 
     Strict: each carried parameter must be in state_dict with the same shape, and state_dict may hold nothing
     the new model lacks. Groups in freeze get requires_grad=False. Logs what was carried and what was not."""
-    reinit, freeze = [(g,) if isinstance(g, str) else tuple(g) for g in (reinit, freeze)]  # allow reinit="mlp"
+    reinit, freeze = [tuple(g for g in x.split(",") if g) if isinstance(x, str) else tuple(x) for x in (reinit, freeze)]
     for what, names in (("reinit", reinit), ("freeze", freeze)):
         unknown = [g for g in names if g not in GROUPS]
         if unknown:
@@ -363,7 +320,7 @@ def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), lo
     for name in state_dict:
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the new model; likely cause: "
-                             f"{_likely_cause(state_dict, new_config, reinit)}")
+                             f"{safety.likely_cause(state_dict, new_config, reinit)}")
     counts = {g: [0, 0] for g in GROUPS}  # group -> [tensors, parameters]
     with torch.no_grad():
         for name, param in params.items():
@@ -374,11 +331,11 @@ def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), lo
                 continue
             if name not in state_dict:
                 raise ValueError(f"parameter {name!r} is missing from the checkpoint; likely cause: "
-                                 f"{_likely_cause(state_dict, new_config, reinit)}")
+                                 f"{safety.likely_cause(state_dict, new_config, reinit)}")
             if state_dict[name].shape != param.shape:
                 raise ValueError(f"parameter {name!r} has shape {tuple(state_dict[name].shape)} in the checkpoint "
                                  f"but {tuple(param.shape)} in the new model; likely cause: "
-                                 f"{_likely_cause(state_dict, new_config, reinit)}")
+                                 f"{safety.likely_cause(state_dict, new_config, reinit)}")
             param.copy_(state_dict[name])
     for name, param in params.items():
         if param_group(name) in freeze:

@@ -23,13 +23,12 @@ import tempfile
 import threading
 import dataclasses
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
 from data.common import OFFLINE_DATA, STREAMED, check_prepared, load_meta, load_pairs
-from model import GROUPS, ModelConfig
 
 # -----------------------------------------------------------------------------
 # before any work: flags, checkpoints, data
@@ -41,20 +40,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def split_groups(flag, value):
+def split_groups(flag, value, known):
     groups = [g for g in value.split(",") if g]
-    unknown = [g for g in groups if g not in GROUPS]
+    unknown = [g for g in groups if g not in known]
     if unknown:
-        raise ValueError(f"--{flag}: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+        raise ValueError(f"--{flag}: unknown group(s) {unknown}; choose from {', '.join(known)}")
     return groups
 
 
-def validate(cfg, model_cfg, nca_cfg, all_stages):
+def validate(cfg, model_cfg, nca_cfg, all_stages, groups):
     """Every check that can be made before any work, with a message naming the flag and the fix."""
     if cfg.stage not in all_stages + ("all",):
         raise ValueError(f"--stage {cfg.stage!r}: choose one of {', '.join(all_stages)} or all")
-    validate_flags(cfg, all_stages)
-    model_cfg.validate()
+    validate_flags(cfg, all_stages, groups)
+    check_model_config(model_cfg)
     stages = all_stages if cfg.stage == "all" else (cfg.stage,)
     validate_out_dir(cfg.out_dir)
     validate_checkpoints(cfg, model_cfg, nca_cfg, stages)
@@ -65,7 +64,7 @@ def validate(cfg, model_cfg, nca_cfg, all_stages):
                          quiet=True)
 
 
-def validate_flags(cfg, all_stages):
+def validate_flags(cfg, all_stages, groups):
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -92,9 +91,57 @@ def validate_flags(cfg, all_stages):
     validate_device(cfg.device)
     validate_optimizer(cfg)
     if cfg.reinit != "auto":
-        split_groups("reinit", cfg.reinit)
-    if set(split_groups("freeze", cfg.freeze)) >= set(GROUPS):
+        split_groups("reinit", cfg.reinit, groups)
+    if set(split_groups("freeze", cfg.freeze, groups)) >= set(groups):
         raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
+
+
+def check_model_config(config):
+    """The model's shape, checked before any tensor is made (GPT() and train.py's flags call it)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name not in ("dropout", "ffn_dim") and not value > 0:
+            raise ValueError(f"--{f.name}={value} must be positive")
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(f"--n_embd={config.n_embd} is not divisible by --n_head={config.n_head}; every head gets "
+                         f"n_embd/n_head channels, so pick an n_embd that is a multiple of {config.n_head}")
+    head_dim = config.n_embd // config.n_head
+    if head_dim % 2 != 0:
+        raise ValueError(f"head dim --n_embd/--n_head = {config.n_embd}/{config.n_head} = {head_dim} is odd; rotary "
+                         f"embeddings rotate pairs of channels, so use an n_embd that is a multiple of "
+                         f"2*n_head = {2 * config.n_head}")
+    if config.ffn_dim < 0:
+        raise ValueError(f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to --multiple_of)")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"--dropout={config.dropout} must be in [0, 1) (0 disables it)")
+
+
+def checkpoint_shape(state_dict):
+    """What a state dict says about the model it came from, to explain a mismatch."""
+    layers = {k.split(".")[1] for k in state_dict if k.startswith("layers.")}
+    shape = {"n_layer": len(layers)} if layers else {}
+    if "norm.weight" in state_dict:
+        shape["n_embd"] = state_dict["norm.weight"].shape[0]
+    if "layers.0.mlp.gate_proj.weight" in state_dict:
+        shape["hidden_dim"] = state_dict["layers.0.mlp.gate_proj.weight"].shape[0]
+    if "embed_tokens.weight" in state_dict:
+        shape["vocab_size"] = state_dict["embed_tokens.weight"].shape[0]
+    return shape
+
+
+def likely_cause(state_dict, config, reinit):
+    """Why a checkpoint does not fit a model config, for model.transfer's messages."""
+    old = checkpoint_shape(state_dict)
+    new = {"n_layer": config.n_layer, "n_embd": config.n_embd, "hidden_dim": config.hidden_dim}
+    if not {"embedding", "head"} <= set(reinit):  # otherwise a new vocabulary is intended
+        new["vocab_size"] = config.vocab_size
+    differ = [f"{k} differs between the checkpoint ({old[k]}) and the new config ({new[k]})"
+              for k in old if k in new and old[k] != new[k]]
+    if any(k.startswith("_orig_mod.") for k in state_dict):
+        differ.append("the checkpoint was saved from a torch.compile'd model (\"_orig_mod.\" prefixes)")
+    if "hidden_dim" in old and old["hidden_dim"] != new["hidden_dim"] and old.get("n_embd") == new["n_embd"]:
+        differ.append("the MLP width depends on --multiple_of too")
+    return "; ".join(differ) or "the checkpoint does not come from this model.py"
 
 
 def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
@@ -307,6 +354,34 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+EVAL_POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")
+
+
+def check_eval_args(args):
+    """The numbers of every subcommand, checked before any model is loaded."""
+    for name in EVAL_POSITIVE:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("block_size", "max_tokens"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1 (or left out), got {getattr(args, name)}")
+    if getattr(args, "max_k", 0) < 0:
+        raise ValueError(f"--max_k must be >= 1 (0 or left out: as many as the model's block holds), got {args.max_k}")
+    if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if hasattr(args, "top_p") and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
+def check_text_data(ckpt, meta, data_dir, ckpt_path):
+    """The dataset must be tokenised the way the checkpoint was trained, or the loss is meaningless."""
+    trained = ckpt["data"]
+    if (meta["tokenizer"], meta["vocab_size"]) != (trained["tokenizer"], trained["vocab_size"]):
+        raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocab {meta['vocab_size']}) but "
+                         f"{ckpt_path} was trained with {trained['tokenizer']} (vocab {trained['vocab_size']}); "
+                         f"pick a dataset prepared with --tokenizer {trained['tokenizer']}")
+
+
 # -----------------------------------------------------------------------------
 # memory: an estimate before anything is allocated
 
@@ -322,18 +397,21 @@ def split_batch(cfg, world):
                      f"shared evenly by {world} processes; make --batch_size or --grad_accum a multiple of {world}")
 
 
-def validate_out_dir(out_dir):
+def validate_out_dir(out_dir, flag="--out_dir"):
     """out_dir must be a folder this process can create and write to (not "", a file, or under a file)."""
     if not out_dir.strip():
-        raise ValueError('--out_dir "": give a folder for the runs, e.g. --out_dir out')
+        raise ValueError(f'{flag} "": give a folder to write to, e.g. {flag} out')
     path = os.path.abspath(out_dir)
     while not os.path.exists(path):  # the nearest existing folder above it is where it will be made
         path = os.path.dirname(path)
     if not os.path.isdir(path):
-        raise ValueError(f"--out_dir {out_dir}: {path} is a file, not a folder; give a folder (it will hold "
-                         f"<stage>/ckpt.pt)")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--out_dir {out_dir}: {path} is not writable by this user; give a folder you can write to")
+        raise ValueError(f"{flag} {out_dir}: {path} is a file, not a folder; give a folder")
+    try:  # a real write: os.access says yes to root even where the file system says no (/proc)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {out_dir}: cannot write in {path} ({e.strerror}); give a folder you can write to")
 
 
 def stage_vocab(stage, cfg, nca_cfg):
@@ -386,7 +464,7 @@ def describe_memory(estimate):
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def estimate_memory(config: ModelConfig, batch_size, dtype="bfloat16", grad_accum=1):
+def estimate_memory(config, batch_size, dtype="bfloat16", grad_accum=1):
     """Bytes that a training step of GPT(config) needs at its peak, from the config alone (nothing is allocated),
     to choose --batch_size before a run. batch_size is the micro-batch, of block_size tokens per row; dtype is
     the autocast dtype ("float32": no autocast); every parameter is taken as trainable. Returns a dict:

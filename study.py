@@ -15,14 +15,13 @@ import math
 import os
 import re
 import sys
-import time
 
 import numpy as np
 import torch
 
 import nca
 from data.common import read_jsonl
-from eval import pyplot, save_figure
+from plots import demo, pyplot, save_figure
 from safety import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -73,59 +72,6 @@ def print_stats(cfg, n, device, quantiles=()):
         else:
             print(f"{name}: --band {lo:.3f} {hi:.3f} (quantiles {qa:g}-{qb:g}, accepts {accepted:.3f} of these "
                   f"rules)")
-
-
-
-def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
-    """The picture to look at first: one rule from each gzip band and i.i.d. noise, each as its frames and, below
-    them, the cells that changed since the frame before; then the histogram of the ratios, with the band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    index = torch.arange(num_rules, device=device)
-    rule_seeds, grid_seeds = nca.stream_seeds(0, nca.RULE_SEEDS, index), nca.stream_seeds(0, nca.GRID_SEEDS, index)
-    t0 = time.perf_counter()
-    ratios, frames, _, _, _ = nca.score_rules(rule_seeds, grid_seeds, cfg)
-    dt = time.perf_counter() - t0
-    print(f"simulated and scored {num_rules} rules x {cfg.burn_in + cfg.score_frames} steps in {dt:.2f}s "
-          f"({num_rules * cfg.score_frames * cfg.frame_len / dt:,.0f} raw tokens/s)")
-    noise = torch.randint(cfg.num_colors, (1, cfg.score_frames, cfg.grid, cfg.grid), device=device,
-                          generator=torch.Generator(device).manual_seed(0))
-    examples = []  # (title, frames): the rule of median ratio in each band, then noise
-    for name, lo, hi in [("low", 0.0, 0.3), ("middle", 0.3, 0.5), ("high", 0.5, 1.0)]:
-        members = np.flatnonzero((ratios > lo) & (ratios < hi))
-        if len(members):
-            pick = members[np.argsort(ratios[members])[len(members) // 2]]
-            examples.append((f"{name} band ({lo}, {hi}), gzip {ratios[pick]:.2f}", frames[pick].cpu()))
-    examples.append((f"i.i.d. noise, gzip {nca.gzip_ratio(nca.patch_ids(noise, cfg).cpu())[0]:.2f}", noise[0].cpu()))
-    rows = 2 * len(examples)
-    fig, axes = plt.subplots(rows + 1, frames_shown, figsize=(1.5 * frames_shown, 1.6 * (rows + 1.5)))
-    for e, (title, rollout) in enumerate(examples):
-        changed = (rollout[1:] != rollout[:-1]).float().mean().item()
-        for j in range(frames_shown):
-            top, bottom = axes[2 * e, j], axes[2 * e + 1, j]
-            top.imshow(rollout[j], cmap="tab10", vmin=0, vmax=max(cfg.num_colors - 1, 9))
-            if j > 0:
-                bottom.imshow(rollout[j] != rollout[j - 1], cmap="gray_r", vmin=0, vmax=1)
-            top.axis("off")
-            bottom.axis("off")
-        axes[2 * e, 0].set_title(title, fontsize=8, loc="left")
-        axes[2 * e + 1, 1].set_title(f"changed cells (black): {changed:.0%} per step", fontsize=8, loc="left")
-    for ax in axes[rows]:
-        ax.remove()
-    hist = fig.add_subplot(rows + 1, 1, rows + 1)
-    hist.hist(ratios, bins=50, color="gray")
-    for edge in (cfg.band_lo, cfg.band_hi):
-        hist.axvline(edge, color="red", linestyle="--")
-    hist.axvline(float(examples[-1][0].split()[-1]), color="black", linestyle=":")
-    hist.set_xlabel(f"gzip ratio of {num_rules} random rules (red: the band, {nca.in_band(ratios, cfg).mean():.0%} "
-                    f"accepted; dotted: noise)", fontsize=8)
-    fig.suptitle(f"NCA rollouts, {cfg.grid}x{cfg.grid}, {cfg.num_colors} colours; frames left to right, dT={cfg.dT}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    print(f"wrote {out}")
 
 
 

@@ -449,14 +449,14 @@ def test_param_group_covers_every_parameter():
 
 def test_config_validation_messages():
     with pytest.raises(ValueError, match=r"--n_embd=30 is not divisible by --n_head=4"):
-        ModelConfig(n_embd=30, n_head=4).validate()
+        safety.check_model_config(ModelConfig(n_embd=30, n_head=4))
     with pytest.raises(ValueError, match=r"(?s)12/4 = 3 is odd.*multiple of 2\*n_head = 8"):
         GPT(ModelConfig(**{**TINY, "n_embd": 12, "n_head": 4}))
     with pytest.raises(ValueError, match=r"--n_layer=0 must be positive"):
-        ModelConfig(n_layer=0).validate()
+        safety.check_model_config(ModelConfig(n_layer=0))
     with pytest.raises(ValueError, match=r"--dropout=1.0"):
-        ModelConfig(dropout=1.0).validate()
-    ModelConfig().validate()
+        safety.check_model_config(ModelConfig(dropout=1.0))
+    safety.check_model_config(ModelConfig())
 
 
 def test_generate():
@@ -1455,7 +1455,7 @@ def test_icl_accuracy_perfect_and_constant_predictors():
 def test_held_out_rules_are_disjoint_from_training_and_deterministic():
     a = evaluate.held_out_sequences(TINY_NCA, 4, 2, seed=3)
     assert torch.equal(a, evaluate.held_out_sequences(TINY_NCA, 4, 2, seed=3))
-    stream = evaluate.HeldOutStream(TINY_NCA, 4, 20, seed=3)
+    stream = nca.NCAStream(TINY_NCA, 4, 20, seed=3, held_out=True)
     assert (stream.seeds(nca.RULE_SEEDS, torch.arange(1000)) >= 2 ** 31).all()  # training seeds are < 2^31
 
 
@@ -1567,7 +1567,7 @@ def test_probe_on_a_tiny_gpt_and_the_probe_command(tmp_path, capsys):
     path = str(tmp_path / "run/prepretrain/ckpt.pt")
     model = tiny_checkpoint(path, vocab_size=cfg.vocab_size, data=data, nca_config=asdict(cfg), stage="prepretrain")
     model.train()
-    val = [evaluate.HeldOutStream(cfg, 4, 64, seed=0).next_batch()]
+    val = [nca.NCAStream(cfg, 4, 64, seed=0, held_out=True).next_batch()]
     keys = {"icl_score", "loss_early", "loss_late", "loss_first_copy", "loss_second_copy", "induction_score",
             "copy_accuracy"}
     for autocast in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
@@ -1734,6 +1734,16 @@ def test_perplexity_refuses_another_tokenizer(tmp_path):
 # export to Hugging Face
 
 
+def from_hf_names(hf_state_dict):
+    """The inverse of eval.to_hf_names."""
+    state_dict = {}
+    for name, tensor in hf_state_dict.items():
+        if name != "lm_head.weight" and not name.startswith("model."):
+            raise ValueError(f"{name!r} is not a LlamaForCausalLM parameter name")
+        state_dict[name if name == "lm_head.weight" else name[len("model."):]] = tensor
+    return state_dict
+
+
 def export_tiny(tmp_path):
     path = str(tmp_path / "run/pretrain/ckpt.pt")
     model = tiny_checkpoint(path)
@@ -1747,7 +1757,7 @@ def test_export_names_map_back_to_the_same_state_dict(tmp_path):
     assert "lm_head.weight" in hf_state and "model.embed_tokens.weight" in hf_state
     assert all(k == "lm_head.weight" or k.startswith("model.") for k in hf_state)
     ours = model.state_dict()
-    back = evaluate.from_hf_names(hf_state)
+    back = from_hf_names(hf_state)
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
     config = json.loads((out_dir / "config.json").read_text())
     assert config["intermediate_size"] == model.config.hidden_dim and config["rope_theta"] == 500.0

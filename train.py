@@ -7,11 +7,10 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
-Read it top to bottom: the flags (TrainConfig), several processes (torchrun), the three data sources, the schedule
-and the validation loss, build_model (what stage 2 keeps of stage 1), then train_stage, the loop of one stage, and
-main, which chains the stages. The guards (flag and data checks, memory, the folder lock, atomic saves, --resume's
-checks, Ctrl-C) live in safety.py and are called here in one line each; the benchmark and the GPU self-check are
-bench.py's.
+Read it top to bottom: the flags (TrainConfig), the three data sources, the schedule and the validation loss,
+build_model (what stage 2 keeps of stage 1), setup_stage, then train_stage, the loop of one stage, and main, which
+chains the stages. Called in one line each: the guards of safety.py (flag and data checks, memory, the folder lock,
+atomic saves, --resume's checks, Ctrl-C) and the ranks of distributed.py (torchrun). bench.py times this loop.
 
 Every hyperparameter is a flag (python train.py --help). Examples:
 
@@ -44,13 +43,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import nca
 import safety
-from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, check_prepared, get_tokenizer, load_meta, load_pairs,
-                         prepare_command)
+from distributed import RANK_SEED_STRIDE, Dist, rng_state, set_rng_state, setup_distributed
+from data.common import DATA_DIR, OFFLINE_DATA, STREAMED, get_tokenizer, load_pairs, prepare_command, prepared
 from eval import probe
-from model import GPT, ModelConfig, arg, transfer
+from model import GPT, GROUPS, ModelConfig, arg, transfer
 
 STAGES = ("prepretrain", "pretrain", "finetune")
-RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data (and dropout) with seed + r * RANK_SEED_STRIDE
 
 
 @dataclass
@@ -145,91 +143,14 @@ def parse_args(argv=None, prog=None):
     try:
         cfg, model_cfg, nca_cfg = pick(args, TrainConfig), pick(args, ModelConfig, vocab_size=1), \
             nca.config_from_args(args)
-        safety.validate(cfg, model_cfg, nca_cfg, STAGES)
+        safety.validate(cfg, model_cfg, nca_cfg, STAGES, GROUPS)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return cfg, model_cfg, nca_cfg
 
 
 # -----------------------------------------------------------------------------
-# several processes (torchrun): PyTorch's DistributedDataParallel, each rank with its own data
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    batch_size: int = 16  # sequences per micro-step of this process
-    micro_steps: int = 1  # micro-steps per optimizer step of this process
-    device: str = "cpu"
-
-    @property
-    def master(self):  # only rank 0 prints, logs and saves
-        return self.rank == 0
-
-    def gather(self, obj):
-        """A list with every rank's obj (what each rank needs to resume), [obj] for one process."""
-        if self.world == 1:
-            return [obj]
-        objects = [None] * self.world
-        dist.all_gather_object(objects, obj)
-        return objects
-
-    def share(self, obj):
-        """Rank 0's obj on every rank (so that a refusal on rank 0 stops every rank, not only rank 0)."""
-        if self.world == 1:
-            return obj
-        objects = [obj]
-        dist.broadcast_object_list(objects, src=0)
-        return objects[0]
-
-    def mean(self, value):
-        """The mean of a float over the ranks: every rank sees the same loss, so a NaN stops them all."""
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
-
-
-def setup_distributed(cfg):
-    """Join the torchrun job if there is one (RANK set), else a single process; either way on cfg.device."""
-    if "RANK" not in os.environ:
-        if cfg.device.startswith("cuda"):
-            torch.cuda.set_device(cfg.device)  # cuda:1 must be the current GPU too (pinned memory, new tensors)
-        return Dist(batch_size=cfg.batch_size, micro_steps=cfg.grad_accum, device=cfg.device)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    batch_size, micro_steps = safety.split_batch(cfg, world)
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(cfg.device)
-    dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo",
-                            device_id=torch.device(cfg.device) if cfg.device.startswith("cuda") else None)
-    ddp = Dist(rank, world, local_rank, batch_size, micro_steps, cfg.device)
-    if ddp.master:
-        print(f"torchrun: {world} processes share each step's {cfg.batch_size} x {cfg.grad_accum} sequences: "
-              f"{micro_steps} micro-step(s) of {batch_size} per process")
-    else:
-        sys.stdout = open(os.devnull, "w")  # one log for the job: rank 0's (errors still reach every rank's stderr)
-    return ddp
-
-
-# -----------------------------------------------------------------------------
 # data: three sources with one interface (get_batch, the fixed validation batches, state for --resume)
-
-def prepared(cfg, name, kind):
-    """Check data_dir/<name> is prepared; the offline datasets are prepared on first use."""
-    data_dir = os.path.join(cfg.data_dir, name)
-    check = check_prepared if kind == "tokens" else load_meta
-    try:
-        return data_dir, check(data_dir, name)
-    except (FileNotFoundError, ValueError):
-        if name not in OFFLINE_DATA:
-            raise
-    print(f"preparing {data_dir} (python -m data.{name}.prepare --out_dir {data_dir}) ...")
-    __import__(f"data.{name}.prepare", fromlist=["main"]).main(["--out_dir", data_dir])
-    return data_dir, check(data_dir, name)
-
 
 class Data:
     """What the loop needs of a data source: get_batch("train"), the fixed validation batches (self.val), and the
@@ -325,7 +246,7 @@ class TokenData(Data):
     """nanoGPT's memmapped uint16 corpus: random windows for training, fixed windows for validation."""
 
     def __init__(self, name, cfg, batch_size, block_size, rank=0):
-        self.data_dir, meta = prepared(cfg, name, "tokens")
+        self.data_dir, meta = prepared(cfg.data_dir, name, "tokens")
         self.name, self.tokenizer, self.eot_token = name, meta["tokenizer"], meta["eot_token"]
         self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, batch_size
         self.device = cfg.device
@@ -351,7 +272,7 @@ class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
     def __init__(self, name, cfg, batch_size, block_size, tokenizer, rank=0):
-        self.data_dir, meta = prepared(cfg, name, "pairs")
+        self.data_dir, meta = prepared(cfg.data_dir, name, "pairs")
         self.name, self.tokenizer, self.stop = name, tokenizer, meta["stop"]
         enc = get_tokenizer(tokenizer)
         self.vocab_size, self.eot_token = enc.n_vocab, enc.eot_token
@@ -451,13 +372,13 @@ def build_model(stage, cfg, model_cfg, data, init):
             new_corpus = init["stage"] == "prepretrain" or init["model_args"]["vocab_size"] != data.vocab_size
             reinit = ["embedding", "head"] if new_corpus else []
         else:
-            reinit = safety.split_groups("reinit", cfg.reinit)
+            reinit = [g for g in cfg.reinit.split(",") if g]
         if "embedding" not in reinit and init["data"]["tokenizer"] != data.tokenizer:
             raise ValueError(f"--init_from was trained with tokenizer {init['data']['tokenizer']!r} but data "
                              f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
         print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
               f"{init['tokens_seen']:,} tokens)")
-        model = transfer(init["model"], model_cfg, reinit=reinit, freeze=safety.split_groups("freeze", cfg.freeze))
+        model = transfer(init["model"], model_cfg, reinit=reinit, freeze=cfg.freeze)
     if cfg.embed_init == "torch" and stage != "prepretrain":  # PyTorch's own init of a fresh embedding and head
         for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
             if group in reinit:
@@ -516,7 +437,7 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
         return None
     tokenizer = (resume or init or {}).get("data", {}).get("tokenizer")
     if stage == "finetune" and tokenizer is None:  # from scratch: the pre-training corpus's tokenizer
-        tokenizer = prepared(cfg, cfg.pretrain_data, "tokens")[1]["tokenizer"]
+        tokenizer = prepared(cfg.data_dir, cfg.pretrain_data, "tokens")[1]["tokenizer"]
     print(f"== {stage}: {max_iters} iterations on {getattr(cfg, f'{stage}_data')}, lr {base_lr}")
     torch.manual_seed(cfg.seed)
     data = make_data(stage, cfg, nca_cfg, model_cfg.block_size, tokenizer, ddp)
@@ -551,18 +472,6 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
     return run
-
-
-def rng_state(device):
-    """The random state a resumed run needs (dropout): the CPU generator's, and the GPU's on a GPU."""
-    cuda = torch.device(device).type == "cuda"
-    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def save(run, cfg, nca_cfg, ddp):
@@ -713,11 +622,11 @@ def prepare_datasets(cfg, stages, ddp):
         for stage in stages:
             name = getattr(cfg, f"{stage}_data")
             if stage == "finetune":
-                prepared(cfg, name, "pairs")
+                prepared(cfg.data_dir, name, "pairs")
                 if cfg.pretrain_data in OFFLINE_DATA:  # a from-scratch fine-tune uses its tokenizer
-                    prepared(cfg, cfg.pretrain_data, "tokens")
+                    prepared(cfg.data_dir, cfg.pretrain_data, "tokens")
             elif not (stage == "prepretrain" and name in STREAMED):
-                prepared(cfg, name, "tokens")
+                prepared(cfg.data_dir, name, "tokens")
     if ddp.world > 1:
         dist.barrier()
 

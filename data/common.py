@@ -286,3 +286,17 @@ def extract_answer(completion, stop):
     """The answer a completion gives: its text up to the stop string, after the last '####' if any (GSM8K)."""
     text = completion.split(stop)[0]
     return text.split("####")[-1].strip().replace(",", "")
+
+
+def prepared(root, name, kind):
+    """(root/<name>, its metadata), checked (kind: "tokens" or "pairs"); the offline datasets are made on first use."""
+    data_dir = os.path.join(root, name)
+    check = check_prepared if kind == "tokens" else load_meta
+    try:
+        return data_dir, check(data_dir, name)
+    except (FileNotFoundError, ValueError):
+        if name not in OFFLINE_DATA:
+            raise
+    print(f"preparing {data_dir} (python -m data.{name}.prepare --out_dir {data_dir}) ...")
+    __import__(f"data.{name}.prepare", fromlist=["main"]).main(["--out_dir", data_dir])
+    return data_dir, check(data_dir, name)
