@@ -937,6 +937,92 @@ def test_gsm8k_from_local_files(tmp_path):
         main(["--from_file", str(tmp_path / "train.jsonl"), "--out_dir", out_dir])
 
 
+# -----------------------------------------------------------------------------
+# bad input to the prepare scripts: one line naming the flag, before any work
+
+# each script with the flags it needs; hf and gsm8k read the Hub by default, which the test below forbids
+PREPARE_SCRIPTS = {"arith": [], "dyck": [], "random": [], "stdlib": [], "gsm8k": [], "hf": ["--dataset", "c4"]}
+
+
+def no_download(*args, **kwargs):
+    raise AssertionError("a download was started before the flags were checked")
+
+
+def run_prepare(name, argv, capsys):
+    """Run data/<name>/prepare.py's main(argv), expecting a refusal: (exit code, stdout, stderr, seconds)."""
+    main = __import__(f"data.{name}.prepare", fromlist=["main"]).main
+    start = time.time()
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    seconds = time.time() - start
+    out, err = capsys.readouterr()
+    return refused.value.code, out, err, seconds
+
+
+def assert_one_line_refusal(code, out, err, seconds, message):
+    assert code not in (0, None), "a refusal exits non-zero"
+    assert out == "" and err.count("\n") == 1, f"one line, and no work done first: {out + err!r}"
+    assert message in err and err.endswith("(see --help)\n") and "Traceback" not in err and "usage:" not in err, err
+    assert seconds < 5
+
+
+def test_prepare_scripts_refuse_a_bad_out_dir_in_one_line(tmp_path, monkeypatch, capsys):
+    import data.gsm8k.prepare
+    import data.hf.prepare
+
+    monkeypatch.setattr(data.hf.prepare, "stream_documents", no_download)
+    monkeypatch.setattr(data.hf.prepare, "get_tokenizer", no_download)  # gpt2, the default, downloads its BPE
+    monkeypatch.setattr(data.gsm8k.prepare, "load_rows", no_download)
+    a_file = tmp_path / "notes.md"
+    a_file.write_text("not a folder\n")
+    cases = {str(a_file): "that is a file, not a folder", str(a_file / "sub"): f"{a_file} is a file, not a folder",
+             "": "give a folder"}
+    if os.path.isdir("/proc"):  # a folder no one can write in, root included
+        cases["/proc/x"] = "cannot write in /proc"
+    for name, flags in PREPARE_SCRIPTS.items():
+        for out_dir, reason in cases.items():
+            code, out, err, seconds = run_prepare(name, flags + ["--out_dir", out_dir], capsys)
+            assert_one_line_refusal(code, out, err, seconds, "--out_dir")
+            assert reason in err and err.startswith(f"python -m data.{name}.prepare: error: --out_dir "), err
+            assert ("train.bin" if name in ("dyck", "random", "stdlib", "hf") else "train.jsonl") in err, err
+            assert a_file.read_text() == "not a folder\n" and os.listdir(tmp_path) == ["notes.md"]
+    assert not os.path.exists("/proc/x")
+
+
+def test_prepare_scripts_refuse_bad_flag_values_in_one_line(tmp_path, capsys):
+    (tmp_path / "one.jsonl").write_text('{"text": "only one document"}\n')
+    (tmp_path / "no_text.jsonl").write_text('{"text": "a"}\n{"content": "b"}\n')
+    local = f"--dataset c4 --tokenizer bytes --from_file {tmp_path}"
+    # script and flags | what the one line says
+    cases = f"""
+        arith --num_train -1                | --num_train: must be at least 1, got -1
+        arith --max_operand -3              | --max_operand: must be at least 0
+        arith --num_val many                | --num_val: 'many' is not a whole number
+        dyck --num_tokens 0                 | --num_tokens: must be at least 1
+        dyck --val_fraction 1.5             | --val_fraction: must be between 0 and 1
+        dyck --seed -1                      | --seed: must be at least 0
+        random --num_tokens -5              | --num_tokens: must be at least 1
+        random --doc_length 0               | --doc_length: must be at least 1
+        random --num_tokens 10              | need at least 2 documents to split into train and val, got 1 (--num_tok
+        stdlib --max_bytes 10               | --max_bytes 10: only 0 source file(s) fit
+        stdlib --val_fraction 0             | --val_fraction: must be between 0 and 1
+        gsm8k --num_val 0                   | --num_val: must be at least 1
+        gsm8k --from_file {tmp_path}/no.jsonl | --from_file: {tmp_path}/no.jsonl: no such file
+        hf --dataset c4 --max_docs -1       | --max_docs: must be at least 1
+        hf --dataset c4 --max_tokens 0      | --max_tokens: must be at least 1
+        hf {local}                          | --from_file: {tmp_path}: a folder, not a file
+        hf {local}/no_text.jsonl            | record 2: no 'text' field
+        hf {local}/one.jsonl                | got 1; give more of them (--from_file
+    """
+    for case in cases.strip().splitlines():
+        command, message = (part.strip() for part in case.split("|"))
+        name, *flags = command.split()
+        code, out, err, seconds = run_prepare(name, flags + ["--out_dir", str(tmp_path / "out")], capsys)
+        out = "".join(line + "\n" for line in out.splitlines() if not line.startswith("tokenized "))  # hf's count
+        assert_one_line_refusal(code, out, err, seconds, message)
+        assert not (tmp_path / "out").exists()
+
+
 # =============================================================================
 # train.py
 

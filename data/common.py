@@ -13,6 +13,7 @@ whatever the file names). An old meta.pkl is converted on first use by a reader 
 Scripts are run as modules from the repository root, e.g. `python -m data.stdlib.prepare`.
 """
 
+import argparse
 import io
 import json
 import os
@@ -37,6 +38,91 @@ HF_CORPORA = {
     "codeparrot": ("codeparrot/codeparrot-clean", None, "content"),
     "c4": ("allenai/c4", "en", "text"),
 }
+
+# -----------------------------------------------------------------------------
+# command-line flags: a bad value is refused in one line naming the flag, before any work
+TOKEN_FILES = "train.bin/val.bin/meta.json"
+PAIR_FILES = "train.jsonl/val.jsonl/test.jsonl/meta.json"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line naming it, not the whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def check(self, check, *args):
+        """check(*args), with a ValueError it raises (a message naming the flag) turned into that one line."""
+        try:
+            return check(*args)
+        except ValueError as e:
+            self.error(str(e))
+
+
+def prepare_parser(script, doc):
+    """The flag parser of data/<name>/prepare.py (script: its __file__), named by the command that runs it."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(script)))
+    return ArgumentParser(prog=f"python -m data.{name}.prepare", description=doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def check_out_dir(out_dir, holds):
+    """Raise ValueError, naming --out_dir and the fix, unless out_dir is (or can be made as) a folder this process
+    can write in: not "", not a file, not under a file. holds: what the folder is for. Leaves nothing behind."""
+    if not out_dir.strip():
+        raise ValueError(f'--out_dir "": give a folder for {holds}')
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):  # the nearest existing folder above it is where it will be made
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "that" if path == os.path.abspath(out_dir) else path
+        what = "a file, not a folder" if os.path.isfile(path) else "not a folder"
+        raise ValueError(f"--out_dir {out_dir}: {where} is {what}; give a folder for {holds}")
+    try:  # os.access says yes to root even in /proc, so make a file there; it has no name, so nothing is left
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        raise ValueError(f"--out_dir {out_dir}: this user cannot write in {path}; give a folder you can write "
+                         f"to, for {holds}") from None
+
+
+def _whole_number(text, least):
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+    return number
+
+
+def positive_int(text):
+    """argparse type: a whole number >= 1 (a count)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text):
+    """argparse type: a whole number >= 0 (a seed, a largest value)."""
+    return _whole_number(text, 0)
+
+
+def fraction(text):
+    """argparse type: a number strictly between 0 and 1 (a val fraction)."""
+    try:
+        value = float(text)
+        check_val_fraction(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (not either), got {text}") from e
+    return value
+
+
+def input_file(path):
+    """argparse type: a file that exists (checked before any work, not when it is opened)."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path) else
+                                                         "no such file"))
+    return path
+
 
 # -----------------------------------------------------------------------------
 # tokenizers

@@ -8,12 +8,12 @@ One record: {"prompt": "assert 23 + 58 == ", "completion": "81\\n", "answer": "8
 The splits are disjoint even up to order: if 23 + 58 is a test problem, 58 + 23 appears nowhere else.
 """
 
-import argparse
 import os
 
 import numpy as np
 
-from data.common import save_pairs_dataset
+from data.common import (PAIR_FILES, check_out_dir, non_negative_int, positive_int, prepare_parser,
+                         save_pairs_dataset)
 
 STOP = "\n"
 
@@ -23,14 +23,16 @@ def make_record(a, b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_operand", type=int, default=99, help="operands are drawn from 0 .. max_operand")
-    parser.add_argument("--num_train", type=int, default=4000, help="training problems")
-    parser.add_argument("--num_val", type=int, default=250, help="validation problems")
-    parser.add_argument("--num_test", type=int, default=500, help="test problems")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the problems and their order")
+    parser = prepare_parser(__file__, __doc__)
+    parser.add_argument("--max_operand", type=non_negative_int, default=99,
+                        help="operands are drawn from 0 .. max_operand")
+    parser.add_argument("--num_train", type=positive_int, default=4000, help="training problems")
+    parser.add_argument("--num_val", type=positive_int, default=250, help="validation problems")
+    parser.add_argument("--num_test", type=positive_int, default=500, help="test problems")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the problems and their order")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = parser.parse_args(argv)
+    parser.check(check_out_dir, args.out_dir, PAIR_FILES)
 
     # every unordered pair {a, b} once, so no split sees another split's problem with the operands swapped
     pairs = [(a, b) for a in range(args.max_operand + 1) for b in range(a, args.max_operand + 1)]

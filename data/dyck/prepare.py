@@ -10,12 +10,12 @@ position it opens a random bracket type with probability 1/2, unless it must clo
 the remaining positions are just enough to close everything) or must open (at depth 0).
 """
 
-import argparse
 import os
 
 import numpy as np
 
-from data.common import get_tokenizer, save_token_dataset, tokenize_documents
+from data.common import (TOKEN_FILES, check_out_dir, fraction, get_tokenizer, non_negative_int, positive_int,
+                         prepare_parser, save_token_dataset, tokenize_documents)
 
 BRACKETS = ("()", "[]", "{}", "<>")
 
@@ -50,23 +50,28 @@ def sequence_stream(args, rng, batch_size=1024):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_tokens", type=int, default=5_000_000, help="tokens to write, train and val together")
+    parser = prepare_parser(__file__, __doc__)
+    parser.add_argument("--num_tokens", type=positive_int, default=5_000_000,
+                        help="tokens to write, train and val together")
     parser.add_argument("--num_types", type=int, default=4, choices=range(1, len(BRACKETS) + 1),
                         help="bracket types, taken from ()[]{}<> in order")
     parser.add_argument("--max_depth", type=int, default=32, help="largest nesting depth a sequence may reach")
     parser.add_argument("--max_length", type=int, default=1024, help="longest sequence in brackets")
-    parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of sequences held out for val")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sequences and the split")
+    parser.add_argument("--val_fraction", type=fraction, default=0.01, help="fraction of sequences held out for val")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the sequences and the split")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = parser.parse_args(argv)
+    parser.check(check_out_dir, args.out_dir, TOKEN_FILES)
     if args.max_length < 2 or args.max_depth < 1:
         parser.error("need --max_length >= 2 and --max_depth >= 1")
 
     enc = get_tokenizer("bytes")
     rng = np.random.default_rng(args.seed)
-    train_ids, val_ids = tokenize_documents(sequence_stream(args, rng), enc, args.val_fraction, args.seed,
-                                            max_tokens=args.num_tokens)
+    try:
+        train_ids, val_ids = tokenize_documents(sequence_stream(args, rng), enc, args.val_fraction, args.seed,
+                                                max_tokens=args.num_tokens)
+    except ValueError as e:  # too few tokens for two sequences
+        parser.error(f"{e}; give a larger --num_tokens (now {args.num_tokens})")
     save_token_dataset(args.out_dir, enc, train_ids, val_ids, num_types=args.num_types, max_depth=args.max_depth,
                        max_length=args.max_length, seed=args.seed)
 

@@ -11,10 +11,10 @@ The completion ends with the stop string "\\n\\n" so the model learns to stop. V
 test is GSM8K's own test split.
 """
 
-import argparse
 import os
 
-from data.common import extract_answer, held_out_mask, read_jsonl, save_pairs_dataset
+from data.common import (PAIR_FILES, check_out_dir, extract_answer, held_out_mask, input_file, non_negative_int,
+                         positive_int, prepare_parser, read_jsonl, save_pairs_dataset)
 
 STOP = "\n\n"
 
@@ -46,13 +46,16 @@ def load_rows(from_file, test_file):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_val", type=int, default=500, help="training problems held out for validation")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
-    parser.add_argument("--from_file", default=None, help="local GSM8K train .jsonl (question, answer per line)")
-    parser.add_argument("--test_file", default=None, help="local GSM8K test .jsonl, given with --from_file")
+    parser = prepare_parser(__file__, __doc__)
+    parser.add_argument("--num_val", type=positive_int, default=500, help="training problems held out for validation")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the train/val split")
+    parser.add_argument("--from_file", type=input_file, default=None,
+                        help="local GSM8K train .jsonl (question, answer per line)")
+    parser.add_argument("--test_file", type=input_file, default=None,
+                        help="local GSM8K test .jsonl, given with --from_file")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = parser.parse_args(argv)
+    parser.check(check_out_dir, args.out_dir, PAIR_FILES)
 
     train_rows, test_rows = load_rows(args.from_file, args.test_file)
     if not 0 < args.num_val < len(train_rows):

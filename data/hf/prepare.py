@@ -10,11 +10,11 @@ The paper's stage-2 corpora from the Hugging Face Hub, streamed, so a slice need
 documents are separated by <|endoftext|>, and writes it exactly as the streamed corpus would be written.
 """
 
-import argparse
 import itertools
 import os
 
-from data.common import (DATA_DIR, EOT_TEXT, HF_CORPORA as CORPORA, TOKENIZERS, get_tokenizer, read_jsonl,
+from data.common import (DATA_DIR, EOT_TEXT, HF_CORPORA as CORPORA, TOKEN_FILES, TOKENIZERS, check_out_dir, fraction,
+                         get_tokenizer, input_file, non_negative_int, positive_int, prepare_parser, read_jsonl,
                          save_token_dataset, tokenize_documents)
 
 
@@ -36,30 +36,40 @@ def stream_documents(dataset):
 def file_documents(path, field):
     """Texts of a local .jsonl file (field of each line) or text file (split on <|endoftext|>)."""
     if path.endswith(".jsonl"):
-        return [row[field] for row in read_jsonl(path)]
+        rows = read_jsonl(path)
+        missing = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict) or field not in row), None)
+        if missing:
+            raise ValueError(f"--from_file {path}, record {missing}: no {field!r} field, where this corpus keeps "
+                             "its text")
+        return [row[field] for row in rows]
     with open(path, encoding="utf-8") as f:
         return [doc for doc in f.read().split(EOT_TEXT) if doc]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = prepare_parser(__file__, __doc__)
     parser.add_argument("--dataset", required=True, choices=CORPORA, help="which corpus")
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS, help="token ids to write")
-    parser.add_argument("--max_docs", type=int, default=None, help="take at most this many documents")
-    parser.add_argument("--max_tokens", type=int, default=None, help="stop after about this many tokens")
-    parser.add_argument("--val_fraction", type=float, default=0.005, help="fraction of documents held out for val")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split of documents")
-    parser.add_argument("--from_file", default=None, help="local .jsonl or text file instead of the Hub")
+    parser.add_argument("--max_docs", type=positive_int, default=None, help="take at most this many documents")
+    parser.add_argument("--max_tokens", type=positive_int, default=None, help="stop after about this many tokens")
+    parser.add_argument("--val_fraction", type=fraction, default=0.005, help="fraction of documents held out for val")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the train/val split of documents")
+    parser.add_argument("--from_file", type=input_file, default=None,
+                        help="local .jsonl or text file instead of the Hub")
     parser.add_argument("--out_dir", default=None, help="output folder (default data/<dataset>)")
     args = parser.parse_args(argv)
+    out_dir = os.path.join(DATA_DIR, args.dataset) if args.out_dir is None else args.out_dir
+    parser.check(check_out_dir, out_dir, TOKEN_FILES)
 
     enc = get_tokenizer(args.tokenizer)
     if args.from_file:
-        documents = file_documents(args.from_file, field=CORPORA[args.dataset][2])[: args.max_docs]
+        documents = parser.check(file_documents, args.from_file, CORPORA[args.dataset][2])[: args.max_docs]
     else:
         documents = itertools.islice(stream_documents(args.dataset), args.max_docs)
-    train_ids, val_ids = tokenize_documents(documents, enc, args.val_fraction, args.seed, args.max_tokens)
-    out_dir = args.out_dir or os.path.join(DATA_DIR, args.dataset)
+    try:
+        train_ids, val_ids = tokenize_documents(documents, enc, args.val_fraction, args.seed, args.max_tokens)
+    except ValueError as e:  # too few documents for train and val
+        parser.error(f"{e}; give more of them (--from_file, --max_docs, --max_tokens)")
     save_token_dataset(out_dir, enc, train_ids, val_ids, dataset=args.dataset,
                        source=args.from_file or CORPORA[args.dataset][0], val_fraction=args.val_fraction, seed=args.seed)
 

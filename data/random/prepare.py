@@ -10,12 +10,12 @@ the steps themselves (weight norms, optimiser state, a settled residual stream),
 Tokens are bytes (the vocabulary of a stage-1 corpus is re-initialised anyway); documents end with end-of-text.
 """
 
-import argparse
 import os
 
 import numpy as np
 
-from data.common import get_tokenizer, held_out_documents, save_token_dataset
+from data.common import (TOKEN_FILES, check_out_dir, fraction, get_tokenizer, held_out_documents, non_negative_int,
+                         positive_int, prepare_parser, save_token_dataset)
 
 
 def random_documents(num_documents, doc_length, eot_token, rng):
@@ -27,15 +27,16 @@ def random_documents(num_documents, doc_length, eot_token, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_tokens", type=int, default=5_000_000, help="tokens to write, train and val together")
-    parser.add_argument("--doc_length", type=int, default=1024, help="random bytes per document, before its end-of-text")
-    parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out for val")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the tokens and the split")
+    parser = prepare_parser(__file__, __doc__)
+    parser.add_argument("--num_tokens", type=positive_int, default=5_000_000,
+                        help="tokens to write, train and val together")
+    parser.add_argument("--doc_length", type=positive_int, default=1024,
+                        help="random bytes per document, before its end-of-text")
+    parser.add_argument("--val_fraction", type=fraction, default=0.01, help="fraction of documents held out for val")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the tokens and the split")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = parser.parse_args(argv)
-    if args.doc_length < 1:
-        parser.error(f"--doc_length must be at least 1, got {args.doc_length}")
+    parser.check(check_out_dir, args.out_dir, TOKEN_FILES)
     num_documents = -(-args.num_tokens // (args.doc_length + 1))  # enough whole documents for num_tokens
     try:
         is_val = held_out_documents(num_documents, args.val_fraction, args.seed)

@@ -9,12 +9,12 @@ Writes data/stdlib/train.bin, val.bin (uint16 ids, files separated by <|endoftex
 Files are taken in sorted path order until --max_bytes; whole files go to train or val.
 """
 
-import argparse
 import os
 import sys
 import sysconfig
 
-from data.common import get_tokenizer, save_token_dataset, tokenize_documents, TOKENIZERS
+from data.common import (TOKEN_FILES, TOKENIZERS, check_out_dir, fraction, get_tokenizer, non_negative_int,
+                         positive_int, prepare_parser, save_token_dataset, tokenize_documents)
 
 # installed packages, the test suites and their data (some deliberately odd files) are not "the standard library"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -42,16 +42,20 @@ def read_text(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = prepare_parser(__file__, __doc__)
     parser.add_argument("--tokenizer", default="bytes", choices=TOKENIZERS, help="token ids to write")
-    parser.add_argument("--max_bytes", type=int, default=20_000_000, help="cap on the corpus size in bytes")
-    parser.add_argument("--val_fraction", type=float, default=0.05, help="fraction of files held out for val")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split of files")
+    parser.add_argument("--max_bytes", type=positive_int, default=20_000_000, help="cap on the corpus size in bytes")
+    parser.add_argument("--val_fraction", type=fraction, default=0.05, help="fraction of files held out for val")
+    parser.add_argument("--seed", type=non_negative_int, default=1337, help="seed of the train/val split of files")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = parser.parse_args(argv)
+    parser.check(check_out_dir, args.out_dir, TOKEN_FILES)
 
     stdlib_dir = sysconfig.get_paths()["stdlib"]
     paths = source_files(stdlib_dir, args.max_bytes)
+    if len(paths) < 2:  # one for train, one for val
+        parser.error(f"--max_bytes {args.max_bytes}: only {len(paths)} source file(s) fit, and train and val need "
+                     "one each; give a larger --max_bytes")
     num_bytes = sum(os.path.getsize(p) for p in paths)
     print(f"{len(paths):,} files, {num_bytes / 1e6:.1f} MB of Python {sys.version.split()[0]} source in {stdlib_dir}")
     enc = get_tokenizer(args.tokenizer)
