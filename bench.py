@@ -28,7 +28,7 @@ import nca
 import safety
 import train
 from distributed import setup_distributed
-from data.common import read_jsonl
+from data.common import ArgumentParser, read_jsonl
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 WARMUP_STEPS = 5  # steps the training benchmark leaves out of its steady-state numbers (compilation, allocator)
@@ -272,7 +272,7 @@ def main(argv=None):
         known, rest = extra.parse_known_args(rest)
         cfg, model_cfg, nca_cfg = train.parse_args(rest, prog="bench.py train")
         return bench_train(cfg, model_cfg, nca_cfg, known.peak_tflops)
-    parser = safety.ArgumentParser(prog=f"bench.py {command}", description=commands[command])
+    parser = ArgumentParser(prog=f"bench.py {command}", description=commands[command])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     if command == "nca":
         nca.add_config_flags(parser)

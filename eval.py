@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import nca
-from data.common import DATA_DIR, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
+from data.common import DATA_DIR, ArgumentParser, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
 from model import GPT, ModelConfig
 import safety
 from plots import plot_icl, plot_probe
@@ -486,7 +486,7 @@ def hf_config(model_args, data):
 
 
 def run_export(args):
-    safety.validate_out_dir(args.out_dir, "--out_dir")
+    safety.check_out_dir(args.out_dir, "config.json and pytorch_model.bin")
     model, ckpt = load_model(args.ckpt, "cpu")
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -504,7 +504,7 @@ def run_export(args):
 # command line
 
 def build_parser():
-    parser = safety.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, function, help):

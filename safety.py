@@ -11,7 +11,6 @@ method so that train.py reads as the method. Each guard is called from train.py 
   check_resume        --resume refuses flags that differ from the checkpoint's
   StopSignal          Ctrl-C / SIGTERM stop after the current step, with a checkpoint
 """
-import argparse
 import fcntl
 import json
 import math
@@ -28,17 +27,10 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from data.common import OFFLINE_DATA, STREAMED, check_prepared, load_meta, load_pairs
+from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, load_meta, load_pairs
 
 # -----------------------------------------------------------------------------
 # before any work: flags, checkpoints, data
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line naming it, not the whole usage first."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def split_groups(flag, value, known):
     groups = [g for g in value.split(",") if g]
@@ -55,7 +47,7 @@ def validate(cfg, model_cfg, nca_cfg, all_stages, groups):
     validate_flags(cfg, all_stages, groups)
     check_model_config(model_cfg)
     stages = all_stages if cfg.stage == "all" else (cfg.stage,)
-    validate_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, "<stage>/ckpt.pt and log.jsonl")
     validate_checkpoints(cfg, model_cfg, nca_cfg, stages)
     for stage in stages:
         validate_data(stage, cfg, model_cfg, nca_cfg)
@@ -395,23 +387,6 @@ def split_batch(cfg, world):
         return cfg.batch_size // world, cfg.grad_accum
     raise ValueError(f"--batch_size {cfg.batch_size} x --grad_accum {cfg.grad_accum} sequences per step cannot be "
                      f"shared evenly by {world} processes; make --batch_size or --grad_accum a multiple of {world}")
-
-
-def validate_out_dir(out_dir, flag="--out_dir"):
-    """out_dir must be a folder this process can create and write to (not "", a file, or under a file)."""
-    if not out_dir.strip():
-        raise ValueError(f'{flag} "": give a folder to write to, e.g. {flag} out')
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):  # the nearest existing folder above it is where it will be made
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{flag} {out_dir}: {path} is a file, not a folder; give a folder")
-    try:  # a real write: os.access says yes to root even where the file system says no (/proc)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag} {out_dir}: cannot write in {path} ({e.strerror}); give a folder you can write to")
 
 
 def stage_vocab(stage, cfg, nca_cfg):

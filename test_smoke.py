@@ -1028,9 +1028,11 @@ def test_prepare_scripts_refuse_bad_flag_values_in_one_line(tmp_path, capsys):
 
 import dataclasses
 import signal
+import threading
 import time
 import weakref
 
+import distributed
 import train
 from data.common import save_token_dataset
 
@@ -1949,14 +1951,20 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
 
 def test_two_process_gloo_run_of_all_stages_from_an_empty_out_dir(tmp_path, tiny_data):
     """Only rank 0 saves a stage's checkpoint; the other ranks must wait for it before the next stage loads it."""
+    # the command as users type it: no --grad_accum, so the 2 processes share each micro-batch of --batch_size 4
     flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "4", "--pretrain_iters", "4", "--finetune_iters", "4",
-                      "--eval_interval", "2", "--grad_accum", "2")
+                      "--eval_interval", "2")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "train.py", *flags], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes share each step's 4 x 1 sequences: 1 micro-step(s) of 2 per process" in result.stdout
+    assert "FutureWarning" not in result.stderr  # DDP's deprecated broadcast_buffers is not used
     for stage in train.STAGES:
-        assert torch.load(tmp_path / "out" / stage / "ckpt.pt", weights_only=True)["iter_num"] == 4
+        ckpt = torch.load(tmp_path / "out" / stage / "ckpt.pt", weights_only=True)
+        assert ckpt["iter_num"] == 4
+    assert ckpt["tokens_seen"] > 0 and torch.load(tmp_path / "out" / "pretrain" / "ckpt.pt", weights_only=True)[
+        "tokens_seen"] == 4 * 4 * 48  # 4 steps of the global batch of 4 sequences, as one process would
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
@@ -1977,6 +1985,103 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
     assert result.stdout.count("iter 0: val loss") == 1                         # rank 0 alone logs
     ckpt = torch.load(tmp_path / "two" / "out" / "pretrain" / "ckpt.pt", weights_only=True)
     assert len(ckpt["rank_state"]) == 2
+
+
+def test_split_batch_keeps_the_global_batch_for_any_number_of_processes():
+    for batch, accum in ((16, 1), (16, 4), (6, 3)):
+        cfg = train.TrainConfig(batch_size=batch, grad_accum=accum, device="cpu")
+        for world in (1, 2, 4, 8):
+            if (batch * accum) % world or (accum % world and batch % world):
+                with pytest.raises(ValueError, match="multiple of"):
+                    safety.split_batch(cfg, world)
+                continue
+            per_rank, micro_steps = safety.split_batch(cfg, world)
+            assert per_rank * micro_steps * world == batch * accum, (batch, accum, world)
+
+
+def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
+    """The GPU generator (dropout masks on a GPU) is saved and restored with the CPU's. A fake CUDA generator stands
+    in for the real one: its state is a byte tensor, as torch.cuda.get_rng_state returns."""
+    fake = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": fake.update(state=state.clone()))
+    torch.manual_seed(5)
+    state = distributed.rng_state("cuda:1")
+    torch.save({"rank_state": [state]}, tmp_path / "ckpt.pt")
+    expected_cpu = torch.rand(3)
+    fake["state"] = torch.zeros(16, dtype=torch.uint8)  # the run goes on and the generators move
+    torch.rand(7)
+    distributed.set_rng_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rank_state"][0], "cuda:1")
+    assert torch.equal(fake["state"], torch.arange(16, dtype=torch.uint8))
+    assert torch.equal(torch.rand(3), expected_cpu)
+    assert distributed.rng_state("cpu")["cuda_rng"] is None  # a CPU run has no GPU state to save
+
+
+def test_a_single_process_on_a_second_gpu_makes_it_the_current_one(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("RANK", raising=False)
+    ddp = distributed.setup_distributed(train.TrainConfig(device="cuda:1", batch_size=8, grad_accum=2, dtype="float32"))
+    assert chosen == ["cuda:1"] and (ddp.world, ddp.batch_size, ddp.micro_steps) == (1, 8, 2)
+
+
+def collective_worker(rank, port, lock_dir, results):
+    """One of 2 gloo ranks: a NaN on rank 1 alone must reach both, and rank 0's lock refusal must stop both."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    ddp = distributed.Dist(rank=rank, world=2)
+    mean = ddp.mean(float("nan") if rank == 1 else 1.0)
+    try:
+        with safety.stage_lock(lock_dir, ddp.master, share=ddp.share):
+            refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    results.put((rank, math.isnan(mean), refused))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_or_a_lock_refusal_on_one_rank_stops_every_rank(tmp_path):
+    import fcntl
+    import socket
+    import torch.multiprocessing as mp
+    lock_dir = str(tmp_path / "pretrain")
+    os.makedirs(lock_dir)
+    with open(os.path.join(lock_dir, "lock"), "a+") as held, socket.socket() as s:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        procs = [ctx.Process(target=collective_worker, args=(rank, port, lock_dir, results)) for rank in (0, 1)]
+        for p in procs:
+            p.start()
+        got = sorted(results.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+    assert [r[1] for r in got] == [True, True]  # both ranks see the NaN of rank 1
+    assert all(r[2] and "in use by another run" in r[2] for r in got)  # both ranks are refused
+
+
+def test_stage_one_is_unreachable_once_stage_two_runs(tmp_path, tiny_data, monkeypatch):
+    """Nothing of stage 1 (model, optimizer, data stream and its prefetch thread) outlives it: on a GPU that memory
+    would stay allocated through stage 2."""
+    import gc
+    stage1, checked, setup = [], [], train.setup_stage
+
+    def tracked_setup(stage, *args):
+        run = setup(stage, *args)
+        if stage == "prepretrain":
+            stage1.extend(weakref.ref(o) for o in (run, run.model, run.optimizer, run.data))
+        else:
+            gc.collect()
+            checked.append([r() is None for r in stage1])
+        return run
+    monkeypatch.setattr(train, "setup_stage", tracked_setup)
+    train.main(run_flags(tmp_path, tiny_data, "--prepretrain_iters", "3", "--pretrain_iters", "2", "--finetune_iters",
+                         "0", "--eval_interval", "2", "--nca_chunk", "32"))
+    assert checked == [[True] * 4]
+    assert not [t for t in threading.enumerate() if t.name.startswith("nca-prefetch")]  # the prefetch thread is gone
 
 
 def test_study_sh_documents_exactly_the_arms_it_runs():

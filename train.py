@@ -44,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 import nca
 import safety
 from distributed import RANK_SEED_STRIDE, Dist, rng_state, set_rng_state, setup_distributed
-from data.common import DATA_DIR, OFFLINE_DATA, STREAMED, get_tokenizer, load_pairs, prepare_command, prepared
+from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, get_tokenizer, load_pairs, prepare_command,
+                         prepared)
 from eval import probe
 from model import GPT, GROUPS, ModelConfig, arg, transfer
 
@@ -135,7 +136,7 @@ def pick(args, cls, **extra):
 def parse_args(argv=None, prog=None):
     """(TrainConfig, ModelConfig, NCAConfig) from the command line, every value checked (safety.validate) before any
     work; a bad value exits with one line naming the flag."""
-    parser = safety.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, TrainConfig)
     add_flags(parser, ModelConfig, skip=("vocab_size",))  # the vocabulary comes from the data
     nca.add_config_flags(parser)
@@ -180,7 +181,7 @@ class NCAData(Data):
         self.val = [self.shuffled(*held_out.next_batch()) for _ in range(cfg.eval_iters)]
         # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
         # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
-        self.worker = ThreadPoolExecutor(max_workers=1) if cfg.nca_prefetch else None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="nca-prefetch") if cfg.nca_prefetch else None
         self.ahead = None  # future of (stream state before the batch, batch, CUDA event marking it ready)
         # on a GPU the thread queues its work on a CUDA stream of its own: its waits (the gzip filter reads rollouts
         # back to the CPU) then wait for its own kernels only, never for the training step's
