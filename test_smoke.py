@@ -1420,6 +1420,40 @@ def test_bad_flags_fail_before_any_work(tmp_path, tiny_data, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "typo").exists()
 
 
+def test_a_size_that_cannot_fit_is_refused_in_seconds_with_the_memory_it_needs(tmp_path, tiny_data, capsys):
+    for flag, value in (("--block_size", "100000000"), ("--batch_size", "10000000")):
+        t0 = time.time()
+        with pytest.raises(SystemExit):
+            train.main(run_flags(tmp_path, tiny_data, flag, value))
+        err = capsys.readouterr().err
+        assert time.time() - t0 < 10 and flag in err and "GiB (estimate_memory)" in err and "available" in err, err
+        assert len(err.strip().splitlines()) == 1  # one line, not argparse's usage first
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_complete_stage_still_trims_its_log(tmp_path, tiny_data):
+    flags = run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "4", "--eval_interval", "2")
+    train.main(flags)
+    log_path = tmp_path / "out" / "pretrain" / "log.jsonl"
+    clean = log_path.read_text()
+    with open(log_path, "a") as f:  # what a kill after the last checkpoint, or a stray writer, leaves
+        f.write('{"iter": 6, "val_loss": 1.0}\nnot json\n{"iter": 2')
+    train.main(flags + ["--resume"])
+    assert log_path.read_text() == clean
+
+
+def test_bad_out_dirs_are_refused_in_one_line(tmp_path, tiny_data, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out_dir, message in (("", '--out_dir ""'), (str(a_file), "is a file"), (str(a_file / "sub"), "is a file"),
+                             ("/proc/x", "cannot write")):
+        with pytest.raises(SystemExit):
+            train.main(TINY_RUN + ["--data_dir", tiny_data, "--pretrain_data", "tiny", "--out_dir", out_dir])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "keep me" and not os.path.exists("pretrain")
+
+
 # =============================================================================
 # eval.py
 
@@ -1768,6 +1802,27 @@ def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
     assert [r["icl_score_1"] for r in nca_rows] == pytest.approx([-0.2, -0.3])
     table = capsys.readouterr().out
     assert "| nca | 2 | -0.0150 ± 0.0071 (2/2) | -0.2500 ± 0.0707 |" in table and os.path.exists(out)
+
+
+def test_eval_export_refuses_a_file_as_out_dir(tmp_path, capsys):
+    a_file = tmp_path / "hf"
+    a_file.write_text("keep me")
+    with pytest.raises(SystemExit, match="--out_dir .*is a file"):
+        evaluate.main(["export", "--ckpt", str(tmp_path / "missing.pt"), "--out_dir", str(a_file)])
+    assert a_file.read_text() == "keep me"
+
+
+def test_compare_refuses_runs_that_match_nothing_and_names_a_bad_log_line(tmp_path):
+    with pytest.raises(SystemExit, match="--runs: .*matches no folder"):
+        study.main(["compare", "--runs", str(tmp_path / "nothing_here")])
+    with pytest.raises(SystemExit, match="--runs: none of the 1 run"):
+        os.makedirs(tmp_path / "empty_run")
+        study.main(["compare", "--runs", str(tmp_path / "empty_run")])
+    write_log(tmp_path / "scratch", "pretrain", [0, 10], [2.0, 1.0])
+    with open(tmp_path / "scratch" / "pretrain" / "log.jsonl", "a") as f:
+        f.write("garbage\n")
+    with pytest.raises(SystemExit, match=r"log.jsonl, line 3: not valid JSON"):
+        study.main(["compare", "--runs", str(tmp_path / "scratch"), "--out", str(tmp_path / "c.png")])
 
 
 def test_compare_names_a_missing_log_and_an_unknown_baseline(tmp_path):
