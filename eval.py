@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from contextlib import nullcontext
 
@@ -25,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import nca
-from data.common import DATA_DIR, ArgumentParser, check_prepared, extract_answer, get_tokenizer, load_meta, load_pairs
+from data.common import (DATA_DIR, ArgumentParser, Progress, check_prepared, extract_answer, get_tokenizer, load_meta,
+                         load_pairs)
 from model import GPT, ModelConfig
 import safety
-from plots import plot_icl, plot_probe
+from plots import loss_profile, plot_icl, plot_probe
 from safety import load_checkpoint
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,17 +42,6 @@ def load_model(ckpt_path, device):
     model.load_state_dict(ckpt.pop("model"), strict=True)
     return model.to(device).eval(), ckpt
 
-
-class Progress:
-    """Prints a line at most every `seconds`, so long loops show they are alive without flooding the terminal."""
-
-    def __init__(self, seconds=10.0):
-        self.seconds, self.last = seconds, time.time()
-
-    def __call__(self, message):
-        if time.time() - self.last > self.seconds:
-            self.last = time.time()
-            print(message, flush=True)
 
 # -----------------------------------------------------------------------------
 # perplexity on a fixed evaluation set
@@ -167,15 +156,7 @@ def run_icl(args):
         raise ValueError(f"{args.ckpt} was trained on {ckpt['data']['name']}, not NCA; icl needs a prepretrain "
                          f"checkpoint trained on nca (e.g. out/<run>/prepretrain/ckpt.pt)")
     cfg = nca.NCAConfig(**ckpt["nca_config"])
-    largest = (model.config.block_size + 1) // cfg.frame_len - 1  # k frames of context and the predicted one fit
-    max_k = args.max_k or largest
-    if not 1 <= max_k <= largest:  # checked before any rule is simulated
-        raise ValueError(f"--max_k {max_k}: the model's block of {model.config.block_size} tokens holds at most "
-                         f"{largest} frames of context plus the predicted frame ({cfg.frame_len} tokens each); "
-                         f"use --max_k {largest} or leave it out" if largest >= 1 else
-                         f"the model's block ({model.config.block_size} tokens) is shorter than two NCA frames")
-    if args.num_rules < 1:
-        raise ValueError(f"--num_rules must be >= 1, got {args.num_rules}")
+    max_k = safety.check_max_k(args.max_k, model.config.block_size, cfg.frame_len)  # before any rule is simulated
     sequences = held_out_sequences(cfg, args.num_rules, max_k + 1, args.seed, args.device)
     results = icl_accuracy(model, sequences, cfg, max_k)
     print(f"\n{args.num_rules} held-out rules, band ({cfg.band_lo}, {cfg.band_hi}), {cfg.num_colors} colours\n")
@@ -359,17 +340,6 @@ def probe_batches(model, ckpt, args):
     return batches, None, (ckpt["data"].get("eot_token"),)
 
 
-def loss_profile(losses, by_frame, buckets=8):
-    """One line: the loss of each scored frame (NCA), or of `buckets` equal runs of positions (text)."""
-    if by_frame is not None:
-        return "loss by frame: " + " ".join(f"{f}:{v:.3f}" for f, v in enumerate(by_frame) if not np.isnan(v))
-    edges = np.linspace(0, len(losses), buckets + 1).astype(int)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a bucket without targets: nan
-        parts = [f"{a}-{b - 1}:{np.nanmean(losses[a:b]):.3f}" for a, b in zip(edges[:-1], edges[1:])]
-    return "loss by position: " + " ".join(parts)
-
-
 def run_probe(args):
     model, ckpt = load_model(args.ckpt, args.device)
     batches, frame_len, exclude = probe_batches(model, ckpt, args)
@@ -444,8 +414,6 @@ def run_passk(args):
     task = args.task or (ckpt["data"]["name"] if ckpt["stage"] == "finetune" else None)
     if task is None:
         raise ValueError(f"--task: {args.ckpt} is a {ckpt['stage']} checkpoint; name the task, e.g. --task arith")
-    if max(args.k) > args.n or min(args.k) < 1:
-        raise ValueError(f"--k {args.k}: every k must be between 1 and --n {args.n}")
     data_dir = args.data_dir or os.path.join(DATA_DIR, task)
     stop = load_meta(data_dir, task)["stop"]
     records = load_pairs(data_dir, args.split, task)[:args.max_problems]

@@ -292,14 +292,9 @@ class GPT(nn.Module):
 def param_group(name: str) -> str:
     """The component a parameter belongs to, from its name (prefixes such as "model." are fine)."""
     parts = name.split(".")
-    if "embed_tokens" in parts:
-        return "embedding"
-    if "lm_head" in parts:
-        return "head"
-    if "self_attn" in parts:
-        return "attention"
-    if "mlp" in parts:
-        return "mlp"
+    for group, module in ("embedding", "embed_tokens"), ("head", "lm_head"), ("attention", "self_attn"), ("mlp", "mlp"):
+        if module in parts:
+            return group
     if any(part == "norm" or part.endswith("_layernorm") for part in parts):
         return "norm"
     raise ValueError(f"parameter {name!r} belongs to none of the groups {GROUPS}")

@@ -1,8 +1,9 @@
 """
-The figures of eval.py's commands and the NCA picture of study.py, and the two helpers every figure uses. matplotlib
-is imported only when a figure is drawn, without a display.
+The figures of eval.py's commands and the NCA picture of study.py, the two helpers every figure uses, and the
+probe's profile as one line of text. matplotlib is imported only when a figure is drawn, without a display.
 """
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -109,3 +110,14 @@ def demo(cfg, device, out="nca_demo.png", num_rules=512, frames_shown=8):
     fig.savefig(out, dpi=90)
     plt.close(fig)
     print(f"wrote {out}")
+
+
+def loss_profile(losses, by_frame, buckets=8):
+    """One line: the loss of each scored frame (NCA), or of `buckets` equal runs of positions (text)."""
+    if by_frame is not None:
+        return "loss by frame: " + " ".join(f"{f}:{v:.3f}" for f, v in enumerate(by_frame) if not np.isnan(v))
+    edges = np.linspace(0, len(losses), buckets + 1).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bucket without targets: nan
+        parts = [f"{a}-{b - 1}:{np.nanmean(losses[a:b]):.3f}" for a, b in zip(edges[:-1], edges[1:])]
+    return "loss by position: " + " ".join(parts)

@@ -349,6 +349,18 @@ class StopSignal:
 EVAL_POSITIVE = ("num_rules", "n", "max_problems", "batch_size", "max_new_tokens", "num_batches", "num_sequences")
 
 
+def check_max_k(max_k, block_size, frame_len):
+    """eval.py icl: k frames of context and the predicted frame must fit the model's block. -> max_k (0: largest)"""
+    largest = (block_size + 1) // frame_len - 1
+    if largest < 1:
+        raise ValueError(f"the model's block ({block_size} tokens) is shorter than two NCA frames")
+    if not 1 <= (max_k or largest) <= largest:
+        raise ValueError(f"--max_k {max_k}: the model's block of {block_size} tokens holds at most {largest} frames "
+                         f"of context plus the predicted frame ({frame_len} tokens each); use --max_k {largest} or "
+                         f"leave it out")
+    return max_k or largest
+
+
 def check_eval_args(args):
     """The numbers of every subcommand, checked before any model is loaded."""
     for name in EVAL_POSITIVE:
@@ -361,6 +373,8 @@ def check_eval_args(args):
         raise ValueError(f"--max_k must be >= 1 (0 or left out: as many as the model's block holds), got {args.max_k}")
     if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if hasattr(args, "k") and (max(args.k) > args.n or min(args.k) < 1):
+        raise ValueError(f"--k {args.k}: every k must be between 1 and --n {args.n}")
     if hasattr(args, "top_p") and not 0 < args.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
 

@@ -32,7 +32,9 @@ def random_ratios(cfg, n, seed=0, device="cpu", chunk=512):
     out = []
     for i in range(0, n, chunk):
         index = torch.arange(i, min(i + chunk, n), device=device)
-        out.append(nca.score_rules(nca.stream_seeds(seed, nca.RULE_SEEDS, index), nca.stream_seeds(seed, nca.GRID_SEEDS, index), cfg)[0])
+        rule_seeds = nca.stream_seeds(seed, nca.RULE_SEEDS, index)
+        grid_seeds = nca.stream_seeds(seed, nca.GRID_SEEDS, index)
+        out.append(nca.score_rules(rule_seeds, grid_seeds, cfg)[0])
     return np.concatenate(out)
 
 

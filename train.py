@@ -66,37 +66,30 @@ class TrainConfig:
                              "natively (Ampere or newer), else float32 (weights and AdamW stay float32)")
     compile: bool = arg(False, "torch.compile the model (GPU)")
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
-    prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (the same with every sequence's patch tokens "
-                                       "permuted: the control with NCA's token statistics and no dynamics); or a token "
-                                       "corpus in data_dir as a control (dyck, random, c4)")
-    prepretrain_iters: int = arg(150, "0 skips the stage: the from-scratch control")
+    prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (each sequence's patch tokens permuted: NCA's "
+                                       "statistics, no dynamics); or a token corpus as a control (dyck, random, c4)")
+    prepretrain_iters: int = arg(100, "0 skips the stage: the from-scratch control")
     prepretrain_lr: float = arg(3e-4, "gentle: aggressive stage-1 rates hurt the transfer at small scale")
-    prepretrain_schedule: str = arg("cosine", "cosine (as the other stages) or ramp: linear warmup over the whole "
-                                              "stage, never decayed (what the authors' code ran)")
+    prepretrain_schedule: str = arg("cosine", "cosine, or ramp: warmup over the whole stage (the authors' code)")
     nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")
     nca_num_rules: int = arg(0, "0: a fresh rule for every sequence; N: a fixed pool of N rules")
     nca_chunk: int = arg(0, "NCA rules simulated together (0: 512 on CPU, 4096 on a GPU)")
     # stage 2: language pre-training
     pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
-    pretrain_iters: int = arg(1000, "iterations of stage 2")
+    pretrain_iters: int = arg(500, "iterations of stage 2")
     pretrain_lr: float = arg(2e-3, "peak learning rate of stage 2")
-    reinit: str = arg("auto", "groups re-initialised on transfer (comma-separated: embedding, head, attention, mlp, "
-                              "norm); auto: embedding,head after stage 1 (as the paper; also for controls with the "
-                              "same vocabulary) or on a new vocabulary")
+    reinit: str = arg("auto", "groups re-initialised on transfer (embedding,head,attention,mlp,norm); auto: "
+                              "embedding,head after stage 1 (the paper) or on a new vocabulary")
     freeze: str = arg("", "groups kept frozen after transfer (comma-separated, as --reinit)")
-    embed_init: str = arg("small", "how a fresh embedding and head of the text stages start (from scratch, or "
-                                   "re-initialised after NCA): small (N(0, 0.02)) or torch (PyTorch's defaults: "
-                                   "embedding N(0, 1), head uniform; the authors' code, in both arms). Stage 1 always "
-                                   "starts small")
+    embed_init: str = arg("small", "a fresh embedding and head of the text stages: small (N(0, 0.02)) or torch "
+                                   "(PyTorch's defaults, embedding N(0, 1): the authors' code, in both arms)")
     # stage 3: fine-tuning
     finetune_data: str = arg("arith", "prompt/completion pairs in data_dir")
     finetune_iters: int = arg(300, "iterations of stage 3")
     finetune_lr: float = arg(5e-4, "peak learning rate of stage 3")
     # optimisation, shared by the stages
-    batch_size: int = arg(16, "sequences per micro-step (under torchrun shared by the processes when --grad_accum "
-                              "is not a multiple of their number)")
-    grad_accum: int = arg(1, "micro-steps per optimizer step: a step sees batch_size x grad_accum sequences, for any "
-                             "number of processes")
+    batch_size: int = arg(16, "sequences per micro-step (of all processes together under torchrun)")
+    grad_accum: int = arg(1, "micro-steps per step: a step sees batch_size x grad_accum sequences, for any world")
     warmup_frac: float = arg(0.1, "linear warmup over this fraction of the stage's iterations")
     min_lr_frac: float = arg(0.1, "cosine decay ends at min_lr_frac * lr")
     weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
@@ -617,17 +610,13 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
 
 
 def prepare_datasets(cfg, stages, ddp):
-    """The offline datasets are made on first use, by rank 0 alone (two ranks writing one file would corrupt it);
-    the other ranks wait for it."""
-    if ddp.master:
-        for stage in stages:
-            name = getattr(cfg, f"{stage}_data")
-            if stage == "finetune":
-                prepared(cfg.data_dir, name, "pairs")
-                if cfg.pretrain_data in OFFLINE_DATA:  # a from-scratch fine-tune uses its tokenizer
-                    prepared(cfg.data_dir, cfg.pretrain_data, "tokens")
-            elif not (stage == "prepretrain" and name in STREAMED):
-                prepared(cfg.data_dir, name, "tokens")
+    """The offline datasets are made on first use, by rank 0 alone (two writers would corrupt a file); the other
+    ranks wait. A fine-tune from scratch needs its pre-training corpus too: its tokenizer."""
+    needed = [(getattr(cfg, f"{s}_data"), "pairs" if s == "finetune" else "tokens") for s in stages] + \
+        [(cfg.pretrain_data, "tokens")] * ("finetune" in stages and cfg.pretrain_data in OFFLINE_DATA)
+    for name, kind in needed if ddp.master else ():
+        if name not in STREAMED:
+            prepared(cfg.data_dir, name, kind)
     if ddp.world > 1:
         dist.barrier()
 

@@ -386,3 +386,15 @@ def prepared(root, name, kind):
     print(f"preparing {data_dir} (python -m data.{name}.prepare --out_dir {data_dir}) ...")
     __import__(f"data.{name}.prepare", fromlist=["main"]).main(["--out_dir", data_dir])
     return data_dir, check(data_dir, name)
+
+
+class Progress:
+    """Prints a line at most every `seconds`, so long loops show they are alive without flooding the terminal."""
+
+    def __init__(self, seconds=10.0):
+        self.seconds, self.last = seconds, time.time()
+
+    def __call__(self, message):
+        if time.time() - self.last > self.seconds:
+            self.last = time.time()
+            print(message, flush=True)
