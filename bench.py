@@ -27,7 +27,7 @@ import torch
 import nca
 import safety
 import train
-from distributed import setup_distributed
+from runtime import setup_distributed
 from data.common import ArgumentParser, read_jsonl
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))

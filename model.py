@@ -21,20 +21,16 @@ Usage:
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import safety
+from safety import arg
 
 GROUPS = ("embedding", "head", "attention", "mlp", "norm")  # component groups for the transfer study
-
-
-def arg(default, help=""):
-    """A config field with its --help text; the dataclass is the one place for both."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

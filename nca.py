@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import arg  # a dataclass field with its --help text
+import safety
+from safety import arg  # a dataclass field with its --help text
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -67,32 +68,7 @@ class NCAConfig:
         return self.start_token + 2
 
     def validate(self):
-        """Stop with a message that names the flag and the fix, before any work is done."""
-        def fail(flag, msg):
-            raise ValueError(f"--{flag}: {msg}")
-        for name in ("grid", "num_colors", "patch", "dT", "score_frames"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be a positive integer, got {getattr(self, name)}")
-        if self.num_colors < 2:
-            fail("num_colors", f"an alphabet needs at least 2 states, got {self.num_colors}")
-        if self.grid % self.patch != 0:
-            fail("patch", f"the grid ({self.grid}) must be divisible by the patch size ({self.patch}); "
-                          f"try --patch {max(d for d in range(1, self.patch + 1) if self.grid % d == 0)}")
-        if self.burn_in < 0:
-            fail("burn_in", f"must be >= 0, got {self.burn_in}")
-        if not math.isfinite(self.identity_bias):
-            fail("identity_bias", f"must be a finite number, got {self.identity_bias}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            fail("temperature", f"must be a finite number >= 0 (0 means argmax), got {self.temperature}")
-        if not (0.0 <= self.band_lo < self.band_hi <= 1.0):
-            fail("band", f"need 0 <= lo < hi <= 1, got ({self.band_lo}, {self.band_hi}); the paper uses 0.5 1.0")
-        if self.vocab_size > MAX_VOCAB:
-            fail("num_colors", f"num_colors**(patch*patch) + 2 = {self.vocab_size:,} token ids is more than a model "
-                               f"embedding can hold here (max {MAX_VOCAB:,}); use fewer colours or a smaller patch")
-        return self
-
-
-MAX_VOCAB = 2 ** 16  # token ids must fit the uint16 format the rest of the pipeline uses
+        return safety.check_nca_config(self)  # a message that names the flag and the fix, before any work
 
 
 def add_config_flags(parser):

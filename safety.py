@@ -1,6 +1,8 @@
 """
-Run safety for train.py: everything that keeps a run from starting wrong or ending with lost work, kept out of the
-method so that train.py reads as the method. Each guard is called from train.py in one line.
+Run safety for train.py (and eval.py): everything that keeps a run from starting wrong or ending with lost work,
+kept out of the method so that train.py reads as the method. Each guard is called from train.py in one line.
+
+  arg, add_flags      a config dataclass's fields are the flags, with their help: the defaults live in one place
 
   validate            every flag, checkpoint and dataset checked before any work, one message naming the flag
   check_memory        the estimated peak memory of a stage (estimate_memory) against the device's, before step 1
@@ -11,6 +13,7 @@ method so that train.py reads as the method. Each guard is called from train.py 
   check_resume        --resume refuses flags that differ from the checkpoint's
   StopSignal          Ctrl-C / SIGTERM stop after the current step, with a checkpoint
 """
+import argparse
 import fcntl
 import json
 import math
@@ -22,12 +25,36 @@ import tempfile
 import threading
 import dataclasses
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, field, fields
 
 import numpy as np
 import torch
 
 from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, load_meta, load_pairs
+
+# -----------------------------------------------------------------------------
+# flags: a dataclass field per flag, with its help
+
+def arg(default, help=""):
+    """A config field with its --help text; the dataclass is the one place for both."""
+    return field(default=default, metadata={"help": help})
+
+
+def add_flags(parser, cls, skip=()):
+    """One flag per dataclass field: the defaults live in the dataclasses only."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
+
+
+def pick(args, cls, **extra):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
+
 
 # -----------------------------------------------------------------------------
 # before any work: flags, checkpoints, data
@@ -134,6 +161,35 @@ def likely_cause(state_dict, config, reinit):
     if "hidden_dim" in old and old["hidden_dim"] != new["hidden_dim"] and old.get("n_embd") == new["n_embd"]:
         differ.append("the MLP width depends on --multiple_of too")
     return "; ".join(differ) or "the checkpoint does not come from this model.py"
+
+
+MAX_VOCAB = 2 ** 16  # token ids must fit the uint16 format the rest of the pipeline uses
+
+
+def check_nca_config(cfg):
+    """Stop with a message that names the flag and the fix, before any NCA rule is simulated. -> cfg"""
+    def fail(flag, msg):
+        raise ValueError(f"--{flag}: {msg}")
+    for name in ("grid", "num_colors", "patch", "dT", "score_frames"):
+        if getattr(cfg, name) < 1:
+            fail(name, f"must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.num_colors < 2:
+        fail("num_colors", f"an alphabet needs at least 2 states, got {cfg.num_colors}")
+    if cfg.grid % cfg.patch != 0:
+        fail("patch", f"the grid ({cfg.grid}) must be divisible by the patch size ({cfg.patch}); "
+                      f"try --patch {max(d for d in range(1, cfg.patch + 1) if cfg.grid % d == 0)}")
+    if cfg.burn_in < 0:
+        fail("burn_in", f"must be >= 0, got {cfg.burn_in}")
+    if not math.isfinite(cfg.identity_bias):
+        fail("identity_bias", f"must be a finite number, got {cfg.identity_bias}")
+    if cfg.temperature < 0 or not math.isfinite(cfg.temperature):
+        fail("temperature", f"must be a finite number >= 0 (0 means argmax), got {cfg.temperature}")
+    if not (0.0 <= cfg.band_lo < cfg.band_hi <= 1.0):
+        fail("band", f"need 0 <= lo < hi <= 1, got ({cfg.band_lo}, {cfg.band_hi}); the paper uses 0.5 1.0")
+    if cfg.vocab_size > MAX_VOCAB:
+        fail("num_colors", f"num_colors**(patch*patch) + 2 = {cfg.vocab_size:,} token ids is more than a model "
+                           f"embedding can hold here (max {MAX_VOCAB:,}); use fewer colours or a smaller patch")
+    return cfg
 
 
 def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):

@@ -1032,7 +1032,7 @@ import threading
 import time
 import weakref
 
-import distributed
+import runtime
 import train
 from data.common import save_token_dataset
 
@@ -1244,12 +1244,12 @@ def test_no_tensor_of_the_previous_stage_stays_alive_in_the_next(tmp_path, tiny_
     flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2", "--eval_interval", "2",
                       "--stage", "prepretrain")
     train.main(flags)
-    refs, alive, step = track_checkpoint_tensors(monkeypatch), [], train.Meter.step
+    refs, alive, step = track_checkpoint_tensors(monkeypatch), [], runtime.Meter.step
 
     def counting_step(meter, *args):
         alive.append(sum(r() is not None for r in refs))
         return step(meter, *args)
-    monkeypatch.setattr(train.Meter, "step", counting_step)
+    monkeypatch.setattr(runtime.Meter, "step", counting_step)
     train.main(flags[:-1] + ["pretrain", "--init_from", str(tmp_path / "out" / "prepretrain" / "ckpt.pt")])
     assert refs and alive == [0, 0]
 
@@ -1994,7 +1994,7 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
     plain, ahead = data(False), data(True)
     for _ in range(3):
         assert torch.equal(plain.get_batch("train")[0], ahead.get_batch("train")[0])
-    ahead.ahead.result()  # the 4th batch is made ahead (as during a training step) ...
+    ahead.prefetch.ahead.result()  # the 4th batch is made ahead (as during a training step) ...
     state = ahead.state_dict()  # ... but the state taken now must be the one after 3 batches
     expected = [plain.get_batch("train")[0] for _ in range(2)]
     assert [torch.equal(ahead.get_batch("train")[0], e) for e in expected] == [True, True]
@@ -2061,22 +2061,22 @@ def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake["state"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": fake.update(state=state.clone()))
     torch.manual_seed(5)
-    state = distributed.rng_state("cuda:1")
+    state = runtime.rng_state("cuda:1")
     torch.save({"rank_state": [state]}, tmp_path / "ckpt.pt")
     expected_cpu = torch.rand(3)
     fake["state"] = torch.zeros(16, dtype=torch.uint8)  # the run goes on and the generators move
     torch.rand(7)
-    distributed.set_rng_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rank_state"][0], "cuda:1")
+    runtime.set_rng_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rank_state"][0], "cuda:1")
     assert torch.equal(fake["state"], torch.arange(16, dtype=torch.uint8))
     assert torch.equal(torch.rand(3), expected_cpu)
-    assert distributed.rng_state("cpu")["cuda_rng"] is None  # a CPU run has no GPU state to save
+    assert runtime.rng_state("cpu")["cuda_rng"] is None  # a CPU run has no GPU state to save
 
 
 def test_a_single_process_on_a_second_gpu_makes_it_the_current_one(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.delenv("RANK", raising=False)
-    ddp = distributed.setup_distributed(train.TrainConfig(device="cuda:1", batch_size=8, grad_accum=2, dtype="float32"))
+    ddp = runtime.setup_distributed(train.TrainConfig(device="cuda:1", batch_size=8, grad_accum=2, dtype="float32"))
     assert chosen == ["cuda:1"] and (ddp.world, ddp.batch_size, ddp.micro_steps) == (1, 8, 2)
 
 
@@ -2084,7 +2084,7 @@ def collective_worker(rank, port, lock_dir, results):
     """One of 2 gloo ranks: a NaN on rank 1 alone must reach both, and rank 0's lock refusal must stop both."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    ddp = distributed.Dist(rank=rank, world=2)
+    ddp = runtime.Dist(rank=rank, world=2)
     mean = ddp.mean(float("nan") if rank == 1 else 1.0)
     try:
         with safety.stage_lock(lock_dir, ddp.master, share=ddp.share):

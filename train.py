@@ -10,7 +10,8 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
 Read it top to bottom: the flags (TrainConfig), the three data sources, the schedule and the validation loss,
 build_model (what stage 2 keeps of stage 1), setup_stage, then train_stage, the loop of one stage, and main, which
 chains the stages. Called in one line each: the guards of safety.py (flag and data checks, memory, the folder lock,
-atomic saves, --resume's checks, Ctrl-C) and the ranks of distributed.py (torchrun). bench.py times this loop.
+atomic saves, --resume's checks, Ctrl-C) and the machine side of runtime.py (torchrun ranks, GPU copies and
+prefetch, speed). bench.py times this loop.
 
 Every hyperparameter is a flag (python train.py --help). Examples:
 
@@ -32,9 +33,8 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
@@ -43,11 +43,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import nca
 import safety
-from distributed import RANK_SEED_STRIDE, Dist, rng_state, set_rng_state, setup_distributed
+from runtime import RANK_SEED_STRIDE, Dist, Meter, Prefetch, rng_state, set_rng_state, setup_distributed, to_device
 from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, get_tokenizer, load_pairs, prepare_command,
                          prepared)
 from eval import probe
-from model import GPT, GROUPS, ModelConfig, arg, transfer
+from model import GPT, GROUPS, ModelConfig, transfer
+from safety import arg
 
 STAGES = ("prepretrain", "pretrain", "finetune")
 
@@ -110,32 +111,16 @@ class TrainConfig:
             self.dtype = "bfloat16" if native_bf16 else "float32"
 
 
-def add_flags(parser, cls, skip=()):
-    """One flag per dataclass field: the defaults live in the dataclasses only."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata.get("help"))
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
-
-
-def pick(args, cls, **extra):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
-
-
 def parse_args(argv=None, prog=None):
     """(TrainConfig, ModelConfig, NCAConfig) from the command line, every value checked (safety.validate) before any
     work; a bad value exits with one line naming the flag."""
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, TrainConfig)
-    add_flags(parser, ModelConfig, skip=("vocab_size",))  # the vocabulary comes from the data
+    safety.add_flags(parser, TrainConfig)
+    safety.add_flags(parser, ModelConfig, skip=("vocab_size",))  # the vocabulary comes from the data
     nca.add_config_flags(parser)
     args = parser.parse_args(argv)
     try:
-        cfg, model_cfg, nca_cfg = pick(args, TrainConfig), pick(args, ModelConfig, vocab_size=1), \
+        cfg, model_cfg, nca_cfg = safety.pick(args, TrainConfig), safety.pick(args, ModelConfig, vocab_size=1), \
             nca.config_from_args(args)
         safety.validate(cfg, model_cfg, nca_cfg, STAGES, GROUPS)
     except (ValueError, FileNotFoundError) as e:
@@ -172,36 +157,12 @@ class NCAData(Data):
         held_out = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                  chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
         self.val = [self.shuffled(*held_out.next_batch()) for _ in range(cfg.eval_iters)]
-        # one batch made ahead in a thread: simulation (torch) and the gzip filter (zlib) release the GIL, so the
-        # next batch is made while the training step runs. The thread works on the one stream, one batch at a time.
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="nca-prefetch") if cfg.nca_prefetch else None
-        self.ahead = None  # future of (stream state before the batch, batch, CUDA event marking it ready)
-        # on a GPU the thread queues its work on a CUDA stream of its own: its waits (the gzip filter reads rollouts
-        # back to the CPU) then wait for its own kernels only, never for the training step's
-        gpu = torch.device(cfg.device).type == "cuda"
-        self.side_stream = torch.cuda.Stream(cfg.device) if gpu and self.worker else None
-
-    def make_batch(self):
-        state = self.stream.state_dict()  # plain numbers: no copy from the GPU
-        if self.side_stream is None:
-            return state, self.shuffled(*self.stream.next_batch()), None
-        with torch.cuda.stream(self.side_stream):
-            batch = self.shuffled(*self.stream.next_batch())
-            ready = torch.cuda.Event()
-            ready.record(self.side_stream)
-        return state, batch, ready
+        # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
+        self.prefetch = Prefetch(lambda: (self.stream.state_dict(), self.shuffled(*self.stream.next_batch())),
+                                 cfg.device) if cfg.nca_prefetch else None
 
     def get_batch(self, split):
-        if self.worker is None:
-            return self.shuffled(*self.stream.next_batch())
-        _, batch, ready = (self.ahead or self.worker.submit(self.make_batch)).result()
-        self.ahead = self.worker.submit(self.make_batch)
-        if ready is not None:
-            training_stream = torch.cuda.current_stream(self.side_stream.device)
-            training_stream.wait_event(ready)  # the GPU waits for the batch; the CPU goes on
-            for tensor in batch:  # made on the side stream, used on this one: the allocator must know
-                tensor.record_stream(training_stream)
-        return batch
+        return self.prefetch.next() if self.prefetch else self.shuffled(*self.stream.next_batch())
 
     def shuffled(self, x, y):
         """For nca-shuffled: the patch tokens of each sequence permuted (nca.shuffle_patches), targets re-made."""
@@ -214,26 +175,17 @@ class NCAData(Data):
 
     def state_dict(self):
         # a checkpoint records the batches the model has seen, not the one made ahead: the state before that one
-        return self.ahead.result()[0] if self.ahead is not None else self.stream.state_dict()
+        ahead = self.prefetch.state_ahead() if self.prefetch else None
+        return self.stream.state_dict() if ahead is None else ahead
 
     def load_state_dict(self, state):
-        if self.ahead is not None:
-            self.ahead.result()  # let the thread finish before the stream is rewound
-            self.ahead = None
+        if self.prefetch:
+            self.prefetch.drop()  # the thread finishes before the stream is rewound
         self.stream.load_state_dict(state)
 
     def close(self):
-        """Stop the prefetch thread: a finished stage must not go on simulating, nor keep its batch alive."""
-        if self.worker is not None:
-            self.worker.shutdown(wait=True, cancel_futures=True)
-            self.worker = self.ahead = None
-
-
-def to_device(tensors, device):
-    """CPU batches to the device; from pinned memory the copy is asynchronous, so the GPU does not wait for it."""
-    if torch.device(device).type != "cuda":
-        return tensors
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        if self.prefetch:
+            self.prefetch.close()  # a finished stage must not go on simulating, nor keep its batch alive
 
 
 class TokenData(Data):
@@ -502,36 +454,6 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
             **probe_context(run, cfg)})
     if run.iter_num > run.start_iter:
         save(run, cfg, nca_cfg, ddp)
-
-
-class Meter:
-    """Speed for the log lines (tokens/s, the share of time spent waiting for data, ETA), and every step's
-    (seconds, tokens, seconds waiting for data) for bench.py."""
-
-    def __init__(self, run):
-        self.run, self.start_iter, self.steps = run, run.iter_num, []
-        self.t_start = self.t_log = time.time()
-        self.tokens_start = self.tokens_log = run.tokens_seen
-        self.data_log = 0.0
-
-    def step(self, seconds, tokens, data_time):
-        self.steps.append((seconds, tokens, data_time))
-        self.data_log += data_time
-
-    def log_line(self, loss, lr):
-        run, now = self.run, time.time()
-        tok_per_s = (run.tokens_seen - self.tokens_log) / (now - self.t_log)
-        eta = (now - self.t_start) / (run.iter_num - self.start_iter) * (run.max_iters - run.iter_num)
-        print(f"{run.name} iter {run.iter_num}/{run.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"tokens {run.tokens_seen / 1e6:.2f}M | {tok_per_s:,.0f} tok/s | "
-              f"data {self.data_log / (now - self.t_log):.0%} | eta {eta / 60:.1f} min", flush=True)
-        self.t_log, self.tokens_log, self.data_log = now, run.tokens_seen, 0.0
-
-    def summary(self):
-        seconds = time.time() - self.t_start
-        return {"seconds": seconds, "tokens_per_s": (self.run.tokens_seen - self.tokens_start) / seconds,
-                "data_wait": sum(s[2] for s in self.steps) / seconds, "steps": self.steps,
-                "flops_per_token": self.run.model.flops_per_token()}
 
 
 def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
