@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import nca
-from data.common import read_jsonl
+from data.common import ArgumentParser, read_jsonl
 from plots import demo, pyplot, save_figure
 from safety import load_checkpoint
 
@@ -404,7 +404,7 @@ def run_probes(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help in (("demo", "a picture of rollouts by gzip band, and the histogram of ratios"),
                        ("stats", "gzip-ratio deciles and acceptance of random rules; with --quantiles, bands")):

@@ -2139,6 +2139,62 @@ def test_stage_one_is_unreachable_once_stage_two_runs(tmp_path, tiny_data, monke
     assert not [t for t in threading.enumerate() if t.name.startswith("nca-prefetch")]  # the prefetch thread is gone
 
 
+def documented_commands():
+    """Every command line that README.md and STUDY.md show in a code block or in backticks, with $MODEL-style
+    variables of the same block expanded: (file, the command as a list of words)."""
+    import shlex
+    found = []
+    for doc in ("README.md", "STUDY.md"):
+        text = open(os.path.join(REPO_ROOT, doc), encoding="utf-8").read()
+        blocks = re.findall(r"```\n(.*?)```", text, re.S)
+        inline = [m.replace("\n", " ") for m in re.findall(r"`((?:python|torchrun|bash|[A-Z]+=)[^`]*)`", text)]
+        for block in blocks + inline:
+            variables = dict(re.findall(r'^([A-Z]+)="([^"]*)"', block, re.M))
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"^\$ ", "", line.split("  #")[0].split(" | ")[0].split(" && ")[0]).strip()
+                for name, value in variables.items():
+                    line = line.replace(f"${name}", value)
+                words = shlex.split(line) if line else []
+                if words[:1] in (["python"], ["torchrun"]):
+                    found.append((doc, words))
+    return found
+
+
+def test_every_command_in_the_docs_parses(monkeypatch):
+    """The README's and STUDY.md's commands run as written: each one's flags parse with the script it names (the work
+    itself is replaced by a recorder, so nothing trains)."""
+    calls = []
+    monkeypatch.setattr(safety, "validate", lambda *args: None)  # data and checkpoints need not exist here
+    for name in ("run_compare", "run_probes", "demo", "print_stats"):
+        monkeypatch.setattr(study, name, lambda *args, **kw: calls.append("study"))
+    for name in ("bench_nca", "bench_train", "gpu_check"):
+        monkeypatch.setattr(bench, name, lambda *args, **kw: calls.append("bench"))
+    commands = documented_commands()
+    scripts = set()
+    for doc, words in commands:
+        if words[0] == "torchrun":  # torchrun [its flags] train.py [train.py's flags]
+            words = ["python"] + words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
+        script, args = words[1], words[2:]
+        scripts.add(script if script != "-m" else args[0])
+        if "--help" in args:
+            continue
+        if script == "train.py":
+            train.parse_args(args)
+        elif script == "eval.py":
+            evaluate.build_parser().parse_args(args)
+        elif script == "study.py":
+            study.main(args)
+        elif script == "bench.py":
+            bench.main(args)
+        elif script == "-m" and args[0] == "pytest":
+            assert args[1:] == ["-q", "test_smoke.py"]  # the test command .ci/run runs
+        elif script == "-m":
+            assert os.path.exists(os.path.join(REPO_ROOT, *args[0].split(".")) + ".py"), (doc, words)
+        else:
+            raise AssertionError(f"{doc}: a command of an unknown script: {' '.join(words)}")
+    assert {"train.py", "eval.py", "study.py", "bench.py"} <= scripts and len(commands) > 30
+
+
 def test_study_sh_documents_exactly_the_arms_it_runs():
     # study.sh's header lists the arms a user can put in ARMS; run_arm's case statement is what runs them
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.sh")).read()
