@@ -11,6 +11,7 @@ runs every GPU path of the project at a small size. None of it is needed to trai
 The memory estimate that train.py checks before a run is safety.estimate_memory.
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -47,47 +49,76 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
+def reference_step(grid, rules, noise_seeds, t, cfg):
+    """nca.step as it was before the fast paths: int64 lookup rows, and every cell draws its uniform and is sampled by
+    inverse CDF."""
+    logits = nca.step_logits(grid, rules, cfg, index_dtype=torch.int64)
+    u = nca.random_uniform(noise_seeds[:, None], nca.UPDATE_NOISE, t, torch.arange(logits.shape[2], device=grid.device))
+    return nca.sample_categorical(logits, u, cfg.temperature).view_as(grid)
+
+
+@contextlib.contextmanager
+def engine(reference):
+    """nca as it is, or (reference=True) the previous engine: nca.step replaced by reference_step. Both give the same
+    rollouts bit for bit (test_smoke.py checks it), so the speed ratio of the two is the gain of the fast paths."""
+    with mock.patch.object(nca, "step", reference_step) if reference else contextlib.nullcontext():
+        yield
+
+
+def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0, reference=False):
     """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
     wait for: rejection sampling with gzip included), and the gzip filter alone in rules per second."""
     chunk, frames = chunk or nca.default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
     seeds = torch.arange(chunk, device=device)
-    raw_tokens, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 4:
-        grid = nca.initial_grids(seeds + raw_tokens, cfg)
-        out = nca.rollout(grid, nca.sample_rules(seeds + raw_tokens, cfg.num_colors), seeds, 0, frames, cfg, skip=cfg.burn_in)
-        raw_tokens += nca.encode(out[0], cfg)[:, :seq_len].numel()
-    synchronize(device)
-    raw = raw_tokens / (time.perf_counter() - t0)
+    with engine(reference):
+        raw_tokens, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 4:
+            grid = nca.initial_grids(seeds + raw_tokens, cfg)
+            out = nca.rollout(grid, nca.sample_rules(seeds + raw_tokens, cfg.num_colors), seeds, 0, frames, cfg,
+                              skip=cfg.burn_in)
+            raw_tokens += nca.encode(out[0], cfg)[:, :seq_len].numel()
+        synchronize(device)
+        raw = raw_tokens / (time.perf_counter() - t0)
 
-    ids = nca.patch_ids(nca.score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
-    gzipped, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 8:
-        nca.gzip_ratio(ids)
-        gzipped += len(ids)
-    gzip_rules = gzipped / (time.perf_counter() - t0)
+        ids = nca.patch_ids(nca.score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
+        gzipped, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 8:
+            nca.gzip_ratio(ids)
+            gzipped += len(ids)
+        gzip_rules = gzipped / (time.perf_counter() - t0)
 
-    stream = nca.NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
-    stream.next_batch()  # warm up
-    tokens, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x, _ = stream.next_batch()
-        tokens += x.numel()
-    synchronize(device)
+        stream = nca.NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
+        stream.next_batch()  # warm up
+        tokens, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            x, _ = stream.next_batch()
+            tokens += x.numel()
+        synchronize(device)
     acceptance = stream.accepted / stream.tried
     return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": acceptance,
             "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len,
             "chunk": chunk}
 
 
-def bench_nca(cfg, device, seconds=10.0, chunk=0):
-    """The paper's sequence length (1024); prints tokens_per_s=<filtered tokens/s> last."""
-    speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds, chunk=chunk)
+def bench_nca(cfg, device, seconds=10.0, chunk=0, rounds=2):
+    """The paper's sequence length (1024), this engine and the previous one (reference_step) in turn, `rounds` times
+    each for seconds / rounds (so machine noise hits both alike); prints tokens_per_s=<filtered tokens/s> last."""
+    runs = {False: [], True: []}
+    for _ in range(rounds):
+        for reference in runs:
+            runs[reference].append(measure_throughput(cfg, device, seq_len=1024, seconds=seconds / rounds,
+                                                      chunk=chunk, reference=reference))
+    speed, ref = ({k: sum(r[k] for r in runs[reference]) / rounds for k in ("raw", "filtered", "gzip_rules",
+                                                                             "gzip_ceiling", "acceptance")}
+                  for reference in runs)
     print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
-          f"({speed['rules_tried']:,} rules tried), device {device}, {speed['chunk']} rules per chunk, "
-          f"{torch.get_num_threads()} threads")
+          f"({sum(r['rules_tried'] for r in runs[False]):,} rules tried), device {device}, "
+          f"{runs[False][0]['chunk']} rules per chunk, {torch.get_num_threads()} threads")
     print(f"gzip filter alone: {speed['gzip_rules']:,.0f} rules/s on the CPU, a ceiling of "
           f"{speed['gzip_ceiling']:,.0f} filtered tokens/s (more threads: OMP_NUM_THREADS)")
+    print(f"previous engine (bench.reference_step), measured in turn: filtered {ref['filtered']:,.0f} tokens/s, raw "
+          f"{ref['raw']:,.0f}; this engine is {speed['filtered'] / ref['filtered']:.2f}x filtered, "
+          f"{speed['raw'] / ref['raw']:.2f}x raw")
     print(f"tokens_per_s={speed['filtered']:.0f}")
 
 
