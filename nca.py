@@ -187,15 +187,15 @@ def neighbour_index(grid, device):
     return torch.stack(index, dim=-1).view(grid * grid, 9).to(device)
 
 
-def rule_logits(grid, rules, num_colors, index_dtype=torch.int32):
+def rule_logits(grid, rules, num_colors, fast=True):
     """Next-state logits of every cell: (R, H, W) states -> (R, C, H*W) float64. Channels first: the reductions over
     C below then run over contiguous rows of H*W cells, several times faster on CPU than over a last axis of 10.
-    The lookup's row numbers are int32 (~10% faster than int64 on CPU; index_dtype=torch.int64 is the old engine)."""
+    The table rows are looked up by int32 numbers (~10% faster on CPU than int64, which fast=False keeps for bench)."""
     R, H, W = grid.shape
-    C = num_colors
-    neighbours = grid.view(R, H * W).to(index_dtype)[:, neighbour_index(H, grid.device)]  # (R, H*W, 9) states
+    C, index = num_colors, torch.int32 if fast else torch.int64
+    neighbours = grid.view(R, H * W).to(index)[:, neighbour_index(H, grid.device)]  # (R, H*W, 9) states
     table_row = torch.arange(9, device=grid.device) * C + torch.arange(R, device=grid.device).view(R, 1, 1) * 9 * C
-    rows = (neighbours + table_row.to(index_dtype)).view(R * H * W, 9)            # rows of the stacked tables
+    rows = (neighbours + table_row.to(index)).view(R * H * W, 9)                  # rows of the stacked tables
     h = F.embedding_bag(rows, rules["table"].view(R * 9 * C, HIDDEN1), mode="sum")  # (R*H*W, 4): the conv3x3, exact
     h = h.view(R, H * W, HIDDEN1).transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format)
     h = torch.bmm(rules["w2"], h).relu_()                                           # (R, 16, H*W)
@@ -250,18 +250,18 @@ def sample_step(logits, noise_seeds, t, temperature):
     return states
 
 
-def step_logits(grid, rules, cfg, **kw):
-    """The logits of one update: rule_logits(**kw) + identity_bias * onehot(state), (R, H, W) -> (R, C, H*W)."""
-    logits = rule_logits(grid, rules, cfg.num_colors, **kw)
+def step(grid, rules, noise_seeds, t, cfg, fast=True):
+    """One synchronous update of every cell of every grid: sample (logits + bias * onehot(state)) / temperature, cell
+    (r, n) with the uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n). fast=False is the previous engine
+    (bench.py's reference): every cell's uniform drawn and sampled by inverse CDF; the same states bit for bit."""
+    R, H, W = grid.shape
+    logits = rule_logits(grid, rules, cfg.num_colors, fast)
     if cfg.identity_bias:
-        logits = logits + cfg.identity_bias * F.one_hot(grid.flatten(1), cfg.num_colors).transpose(1, 2)
-    return logits
-
-
-def step(grid, rules, noise_seeds, t, cfg):
-    """One synchronous update of every cell of every grid: sample (logits + bias * onehot(state)) / temperature, with
-    cell (r, n)'s uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n), fresh for every step t."""
-    return sample_step(step_logits(grid, rules, cfg), noise_seeds, t, cfg.temperature).view_as(grid)
+        logits = logits + cfg.identity_bias * F.one_hot(grid.view(R, H * W), cfg.num_colors).transpose(1, 2)
+    if fast:
+        return sample_step(logits, noise_seeds, t, cfg.temperature).view(R, H, W)
+    u = random_uniform(noise_seeds[:, None], UPDATE_NOISE, t, torch.arange(H * W, device=grid.device))
+    return sample_categorical(logits, u, cfg.temperature).view(R, H, W)
 
 
 def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
@@ -286,13 +286,13 @@ def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
 # in base C (top-left is the least significant). Every frame becomes [START, patch ids..., END].
 
 def patch_ids(frames, cfg):
-    """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters."""
-    *lead, H, W = frames.shape
-    p, n = cfg.patch, cfg.grid // cfg.patch
-    tiles = frames.reshape(*lead, n, p, n, p).transpose(-3, -2)                   # (..., n, n, p, p)
-    digits = tiles.reshape(*lead, n * n, p * p)
-    powers = cfg.num_colors ** torch.arange(p * p, device=frames.device)
-    return (digits * powers).sum(dim=-1)
+    """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters. Digit i*p + j of a patch is its cell
+    (i, j): frames[..., i::p, j::p] holds that cell of every patch."""
+    p, ids = cfg.patch, 0
+    for i in range(p):
+        for j in range(p):
+            ids = ids + frames[..., i::p, j::p] * cfg.num_colors ** (i * p + j)
+    return ids.flatten(-2)
 
 
 def encode(frames, cfg):

@@ -279,6 +279,37 @@ def test_stats_quantiles_print_bands_ready_to_paste(capsys):
             study.main(["stats", *bad])
 
 
+
+def test_fast_sampler_is_the_inverse_cdf_bit_for_bit():
+    """nca.sample_step must return sample_categorical's states for every cell: decided cells (best state alone within
+    31T), exact ties, near-ties around the 30T clamp, T=0 and a hot T where almost no cell is decided, C of 3, 10 and
+    300 (the int16 and int64 codes)."""
+    gen = torch.Generator().manual_seed(0)
+    for C, T in ((10, 1e-4), (10, 0.0), (10, 1.0), (3, 1e-4), (300, 1e-4), (300, 0.0)):
+        logits = torch.randn(8, C, 50, generator=gen, dtype=torch.float64)
+        logits[:, :, :5] = 0.0                                                   # all C states tied
+        logits[:, 1, 5:25] = logits[:, 0, 5:25] + T * torch.linspace(-33, 3, 20, dtype=torch.float64)  # near-ties
+        logits[:, 2, 25:30] = logits[:, 0, 25:30]                                 # two tied best states
+        seeds = torch.arange(8) * 7 + 3
+        u = nca.random_uniform(seeds[:, None], nca.UPDATE_NOISE, 5, torch.arange(50))
+        expected = nca.sample_categorical(logits, u, T)
+        assert torch.equal(nca.sample_step(logits.clone(), seeds, 5, T), expected), (C, T)
+
+
+def test_fast_engine_streams_equal_the_previous_engine():
+    """The fast paths (nca.step, nca.patch_ids) against the previous engine (bench.engine(reference=True)): the same
+    batches bit for bit, fresh rules and a pool, 4 and 10 colours, with an identity bias and at temperature 0."""
+    configs = [(BAND_TEST, 60, 0), (BAND_TEST, 60, 5), (NCAConfig(), 120, 0), (NCAConfig(), 120, 3),
+               (NCAConfig(grid=8, identity_bias=0.3, band_lo=0.0), 120, 0), (NCAConfig(grid=8, temperature=0.0), 120, 0)]
+    for cfg, seq_len, num_rules in configs:
+        for seed in (0, 11):
+            runs = []
+            for reference in (False, True):
+                with bench.engine(reference):
+                    runs.append(take(NCAStream(cfg, batch_size=8, seq_len=seq_len, seed=seed, num_rules=num_rules,
+                                               chunk=64), 3))
+            assert same_batches(*runs), (cfg, num_rules, seed)
+
 # =============================================================================
 # model.py
 
