@@ -31,9 +31,6 @@ import safety
 from plots import loss_profile, plot_icl, plot_probe
 from safety import load_checkpoint
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(ckpt_path, device):
     """(model in eval mode on device, checkpoint dict), rebuilt from the checkpoint's model_args, loaded strictly."""
     ckpt = load_checkpoint(ckpt_path, "--ckpt ")
@@ -376,10 +373,7 @@ def stop_token_of(enc, stop):
 
 def decode_completions(enc, rows):
     """Token rows -> texts, each cut at its first end-of-text (what follows is padding or noise)."""
-    texts = []
-    for row in rows.tolist():
-        texts.append(enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row))
-    return texts
+    return [enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row) for row in rows.tolist()]
 
 
 def sample_correct(model, enc, record, stop, n, temperature, top_p, max_new_tokens, generator, device):
@@ -479,7 +473,7 @@ def build_parser():
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(function=function)
         sub.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/<run>/<stage>/ckpt.pt")
-        sub.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1 ...")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda:1 ...")
         return sub
 
     sub = command("perplexity", run_perplexity, "mean loss and perplexity on a fixed set of windows of a split")
