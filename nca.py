@@ -1,5 +1,4 @@
-"""
-The NCA data engine: random neural cellular automata -> token sequences for pre-pre-training.
+"""The NCA data engine: random neural cellular automata -> token sequences for pre-pre-training.
 
 Every training sequence is rolled out from its own randomly drawn rule, so predicting the next token means
 inferring that hidden rule in context. Read this file top to bottom:
@@ -47,36 +46,22 @@ class NCAConfig:
     band_hi: float = arg(1.0, "see band_lo")
     score_frames: int = arg(10, "frames used to compute a rule's gzip ratio")
 
-    @property
-    def patches_per_frame(self):
-        return (self.grid // self.patch) ** 2
-
-    @property
-    def frame_len(self):  # tokens per frame: START, the patches, END
-        return self.patches_per_frame + 2
-
-    @property
-    def start_token(self):
-        return self.num_colors ** (self.patch * self.patch)
-
-    @property
-    def end_token(self):
-        return self.start_token + 1
-
-    @property
-    def vocab_size(self):
-        return self.start_token + 2
+    patches_per_frame = property(lambda self: (self.grid // self.patch) ** 2)
+    frame_len = property(lambda self: self.patches_per_frame + 2)  # tokens per frame: START, the patches, END
+    start_token = property(lambda self: self.num_colors ** (self.patch * self.patch))
+    end_token = property(lambda self: self.start_token + 1)
+    vocab_size = property(lambda self: self.start_token + 2)
 
     def validate(self):
         return safety.check_nca_config(self)  # a message that names the flag and the fix, before any work
 
 
+
 def add_config_flags(parser):
     """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
     for f in fields(NCAConfig):
-        if f.name in ("band_lo", "band_hi"):
-            continue
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
+        if f.name not in ("band_lo", "band_hi"):
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
     parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
                         metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
 
@@ -98,10 +83,8 @@ MASK32 = 0xFFFFFFFF
 def hash32(x):
     """The 'lowbias32' integer hash (C. Wellons): a bijection on 32-bit integers with strong avalanche."""
     x = x & MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32  # the product may wrap around int64; its low 32 bits are still exact
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32  # the product may wrap around int64; its low 32 bits are still exact
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
 
 
@@ -121,8 +104,7 @@ def random_uniform(seed, *counters):
 def random_normal(seed, stream, n):
     """n float64 standard normals per seed (Box-Muller), shape (len(seed), n)."""
     k = torch.arange(n, device=seed.device)
-    u1 = random_uniform(seed[:, None], stream, 2 * k)
-    u2 = random_uniform(seed[:, None], stream, 2 * k + 1)
+    u1, u2 = random_uniform(seed[:, None], stream, 2 * k), random_uniform(seed[:, None], stream, 2 * k + 1)
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
 
 
@@ -130,24 +112,23 @@ def random_normal(seed, stream, n):
 RULE_WEIGHTS, GRID_LOGITS, GRID_CELLS, UPDATE_NOISE = 1, 2, 3, 4
 # ... and those drawn from the seed of an NCAStream: the seeds of its i-th rule and grid, its pool's order each epoch
 RULE_SEEDS, GRID_SEEDS, POOL_ORDER, POOL_GRIDS = 5, 6, 7, 8
+SHUFFLE = 9  # the stream of random numbers that permutes a row in shuffle_patches (seeded by a hash of the row)
 HELD_OUT = 2 ** 31  # the top bit: set in every seed of a held-out stream, clear in every training seed
 
 
 def stream_seeds(seed, stream, index, held_out=False):
-    """Seeds (int64, like index) of the rules or grids number `index` of the data stream `seed`: the top 31 of 32
-    random bits of (seed, stream, index), so in [0, 2^31); held_out adds 2^31. The i-th rule a stream tries is
-    the same whatever the chunk it is simulated in, and no training rule is a held-out rule."""
+    """Seeds (int64, like index) of the rules or grids number `index` of the data stream `seed`: the top 31 of 32 random
+    bits of (seed, stream, index), in [0, 2^31); held_out adds 2^31. The i-th rule a stream tries is the same whatever
+    the chunk it is simulated in, and no training rule is a held-out rule."""
     seeds = random_bits(seed, stream, index) >> 1
     return seeds + HELD_OUT if held_out else seeds
 
 # -----------------------------------------------------------------------------
 # 3. Rules and their simulation
-# A rule is a per-cell network on the one-hot grid: conv3x3 C->4 (circular padding), conv1x1 4->16, ReLU,
-# conv1x1 16->C logits; weights LeCun-normal (std 1/sqrt(fan_in)), biases zero (614 parameters for C=10).
-# Biases start at zero and rules are never trained, so we leave them out.
-# Because the input is one-hot, the 3x3 convolution is a table lookup: each of the 9 neighbours contributes the
-# 4 numbers W1[:, state, ky, kx]. So we store W1 as a table (9 * C rows of 4) and sum 9 looked-up rows per cell.
-#
+# A rule is a per-cell network on the one-hot grid: conv3x3 C->4 (circular padding), conv1x1 4->16, ReLU, conv1x1
+# 16->C logits; weights LeCun-normal (std 1/sqrt(fan_in)), 614 parameters for C=10; biases start at zero and rules are
+# never trained, so we leave them out. The input is one-hot, so the 3x3 convolution is a table lookup: each of the 9
+# neighbours contributes the 4 numbers W1[:, state, ky, kx]; W1 is stored as a table (9 * C rows of 4), 9 rows summed.
 # Precision. At temperature 1e-4 the sampled state flips when a logit moves by a hair, and float32 products move with
 # the device: on a GPU train.py turns TF32 on (10-bit mantissas in matmuls) and autocast runs bmm in bf16. With float32
 # rules, emulated TF32 rounding of the bmm inputs changed 45% of 300 rollouts and bf16 autocast 88%. So a rollout is
@@ -160,8 +141,7 @@ def stream_seeds(seed, stream, index, held_out=False):
 #    and float64 rounding (~1e-16) moves a sampling boundary by ~1e-11 at T=1e-4: a sample differs between devices
 #    only if its uniform falls that close to a boundary. On CPU this costs ~20-25% of filtered tokens/s.
 
-HIDDEN1, HIDDEN2 = 4, 16
-W1_QUANTUM = 2 ** -20
+HIDDEN1, HIDDEN2, W1_QUANTUM = 4, 16, 2 ** -20
 
 
 def sample_rules(rule_seeds, num_colors):
@@ -221,19 +201,16 @@ def initial_grids(grid_seeds, cfg):
     z = random_normal(grid_seeds, GRID_LOGITS, cfg.num_colors)                   # (R, C)
     cells = torch.arange(cfg.grid * cfg.grid, device=grid_seeds.device)
     u = random_uniform(grid_seeds[:, None], GRID_CELLS, cells)                   # (R, H*W)
-    grid = sample_categorical(z[:, :, None].expand(-1, -1, len(cells)), u, temperature=1.0)
-    return grid.view(-1, cfg.grid, cfg.grid)
+    return sample_categorical(z[:, :, None].expand(-1, -1, len(cells)), u, 1.0).view(-1, cfg.grid, cfg.grid)
 
 
 def sample_step(logits, noise_seeds, t, temperature):
-    """sample_categorical(logits, u, temperature) with u the uniforms of step t, bit for bit, at a fraction of the cost
-    (logits are overwritten). A cell is decided when only its best state b has d = l - best >= -31T: its sample is
-    then b whatever u. Proof: d is the float64 the reference computes too, so every other state's d / T < -30 is
-    clamped to exactly -30, weight w = e^-30 < 1e-13 (at T = 0 the test is l == best, and w = 0). The cumulative
-    weights before b are at most C*w < 7e-9 (C < 2^16) < u * total, as u >= 2^-25 and total >= 1; from b on they are
-    >= 1 > u * total, as u <= 1 - 2^-25 and total <= 1 + C*w: the inverse CDF counts exactly the b states before b.
-    Only the other cells (ties: a cell whose 16 ReLUs are all 0 has C equal logits; near-ties: in all ~2.5% of cells
-    at T=1e-4) draw their u and go through the reference."""
+    """sample_categorical(logits, u, temperature), u the uniforms of step t, bit for bit, ~30% faster (overwrites
+    logits). A cell whose best state b is the only one with d = l - best >= -31T takes b whatever u: d is the float64
+    the reference computes, so every other d / T < -30 is clamped to -30, weight w = e^-30 < 1e-13 (T = 0: l == best,
+    w = 0); the cumulative weights before b are <= C*w < 7e-9 (C < 2^16) < u * total (u >= 2^-25, total >= 1), from b
+    on >= 1 > u * total (u <= 1 - 2^-25, total <= 1 + C*w): the inverse CDF counts exactly b states. Only the other
+    cells (~2.5% at T=1e-4: ties, e.g. all 16 ReLUs 0, and near-ties) draw their u and take the reference."""
     R, C, N = logits.shape
     bits = C.bit_length()  # code = (number of near states) + 2^bits * (sum of their indices), wrapping harmlessly
     dtype = torch.int16 if C << bits < 2 ** 15 else torch.int64
@@ -242,11 +219,10 @@ def sample_step(logits, noise_seeds, t, temperature):
     code = (d >= -31 * temperature).mul(weights).sum(dim=1, dtype=dtype)          # (R, N)
     states = (code >> bits).long()
     slow = ((code & (1 << bits) - 1) != 1).view(-1).nonzero()[:, 0]               # undecided cells r * N + n
-    if len(slow):
-        r, n = slow // N, slow % N
-        cells = d.view(-1)[r * C * N + n + N * torch.arange(C, device=d.device).view(C, 1)]  # (C, cells)
-        u = random_uniform(noise_seeds[r], UPDATE_NOISE, t, n)                   # the uniforms step() would draw
-        states.view(-1)[slow] = sample_categorical(cells[None], u[None], temperature)[0]
+    r, n = slow // N, slow % N
+    cells = d.view(-1)[r * C * N + n + N * torch.arange(C, device=d.device).view(C, 1)]  # (C, cells)
+    u = random_uniform(noise_seeds[r], UPDATE_NOISE, t, n)                       # the uniforms step() would draw
+    states.view(-1)[slow] = sample_categorical(cells[None], u[None], temperature)[0]
     return states
 
 
@@ -267,15 +243,10 @@ def step(grid, rules, noise_seeds, t, cfg, fast=True):
 def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
     """Run `skip` updates, then record num_frames frames cfg.dT updates apart.
     Returns frames (R, F, H, W), the grid after the last recorded frame, and the new time t (to continue later)."""
-    for _ in range(skip):
-        grid = step(grid, rules, noise_seeds, t, cfg)
-        t += 1
     frames = []
     for i in range(num_frames):
-        if i > 0:
-            for _ in range(cfg.dT):
-                grid = step(grid, rules, noise_seeds, t, cfg)
-                t += 1
+        for _ in range(skip if i == 0 else cfg.dT):
+            grid, t = step(grid, rules, noise_seeds, t, cfg), t + 1
         frames.append(grid)
     return torch.stack(frames, dim=1), grid, t
 
@@ -288,36 +259,28 @@ def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
 def patch_ids(frames, cfg):
     """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters. Digit i*p + j of a patch is its cell
     (i, j): frames[..., i::p, j::p] holds that cell of every patch."""
-    p, ids = cfg.patch, 0
-    for i in range(p):
-        for j in range(p):
-            ids = ids + frames[..., i::p, j::p] * cfg.num_colors ** (i * p + j)
-    return ids.flatten(-2)
+    p = cfg.patch
+    return sum(frames[..., i::p, j::p] * cfg.num_colors ** (i * p + j) for i in range(p) for j in range(p)).flatten(-2)
 
 
 def encode(frames, cfg):
     """Frames (R, F, H, W) -> token ids (R, F * frame_len): every frame is [START, patches, END]."""
     ids = patch_ids(frames, cfg)                                                  # (R, F, P)
-    start = torch.full_like(ids[..., :1], cfg.start_token)
-    end = torch.full_like(ids[..., :1], cfg.end_token)
+    start, end = (torch.full_like(ids[..., :1], token) for token in (cfg.start_token, cfg.end_token))
     return torch.cat([start, ids, end], dim=-1).flatten(1)
 
 
 def decode(tokens, cfg):
     """The exact inverse of encode: token ids (R, F * frame_len) -> frames (R, F, H, W)."""
-    R = tokens.shape[0]
-    p, n = cfg.patch, cfg.grid // cfg.patch
-    framed = tokens.view(R, -1, cfg.frame_len)
+    framed, p = tokens.view(len(tokens), -1, cfg.frame_len), cfg.patch
     if not ((framed[..., 0] == cfg.start_token).all() and (framed[..., -1] == cfg.end_token).all()):
         raise ValueError("decode: tokens are not whole frames of [START, patches, END]")
-    ids = framed[..., 1:-1]                                                       # (R, F, P)
-    powers = cfg.num_colors ** torch.arange(p * p, device=tokens.device)
-    digits = (ids[..., None] // powers) % cfg.num_colors                          # (R, F, P, p*p)
-    tiles = digits.view(R, -1, n, n, p, p).transpose(-3, -2)                      # (R, F, n, p, n, p)
-    return tiles.reshape(R, -1, cfg.grid, cfg.grid)
-
-
-SHUFFLE = 9  # the stream of random numbers that permutes a row in shuffle_patches
+    ids = framed[..., 1:-1].unflatten(-1, (cfg.grid // p, -1))                    # (R, F, n, n)
+    frames = ids.new_empty(*ids.shape[:2], cfg.grid, cfg.grid)
+    for i in range(p):
+        for j in range(p):
+            frames[..., i::p, j::p] = ids // cfg.num_colors ** (i * p + j) % cfg.num_colors
+    return frames
 
 
 def shuffle_patches(tokens, cfg):
@@ -329,45 +292,35 @@ def shuffle_patches(tokens, cfg):
     patch = tokens < cfg.start_token        # every row starts with a frame, so the same positions in every row
     keys = random_bits(row_key[:, None], SHUFFLE, position).masked_fill(~patch, 2 ** 40)  # delimiters sort last
     order = keys.argsort(dim=1)[:, :int(patch[0].sum())]                         # patch positions, shuffled
-    out = tokens.clone()
-    out[patch] = tokens.gather(1, order).flatten()
-    return out
+    return tokens.masked_scatter(patch, tokens.gather(1, order))                 # row-major, like the mask
 
 
 # -----------------------------------------------------------------------------
 # 5. The gzip complexity filter
-# Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32,
-# gzip level 9 with its 10-byte header and 8-byte trailer. zlib's output carries a 2-byte header and 4-byte trailer
-# instead, so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module.
-# gzip runs on the CPU whatever the device (~48 us per rule), so rows are split over threads: zlib releases the GIL
-# while it compresses. As many threads as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
+# Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32, gzip
+# level 9 with its 10-byte header and 8-byte trailer; zlib's output carries a 2-byte header and 4-byte trailer instead,
+# so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module. gzip runs on the CPU
+# whatever the device (~48 us per rule), so rows are split over threads (zlib releases the GIL while it compresses),
+# as many as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
 
-@functools.cache
-def gzip_pool(threads):
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
-
-
-def compressed_sizes(rows):
-    return [len(zlib.compress(row.tobytes(), 9)) + 12 for row in rows]
+gzip_pool = functools.cache(lambda threads: ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip"))
 
 
 def gzip_ratio(ids, threads=None):
     """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
     rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
     threads = threads or torch.get_num_threads()
-    if threads == 1 or len(rows) < 2:
-        sizes = compressed_sizes(rows)
-    else:  # contiguous slices of rows, one per thread; map returns them in order
-        parts = np.array_split(rows, min(threads, len(rows)))
-        sizes = [n for part in gzip_pool(threads).map(compressed_sizes, parts) for n in part]
+    def compressed_sizes(part):
+        return [len(zlib.compress(row.tobytes(), 9)) + 12 for row in part]
+    parts = np.array_split(rows, max(1, min(threads, len(rows))))  # contiguous slices of rows, one per thread
+    sizes = [n for part in (gzip_pool(threads).map if len(parts) > 1 else map)(compressed_sizes, parts) for n in part]
     return np.array(sizes) / rows.shape[1] / rows.itemsize
 
 
 def score_rules(rule_seeds, grid_seeds, cfg):
     """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time, rule weights), so an
     accepted rule's rollout can continue where scoring stopped: a training sequence starts with its scored frames."""
-    rules = sample_rules(rule_seeds, cfg.num_colors)
-    grid = initial_grids(grid_seeds, cfg)
+    rules, grid = sample_rules(rule_seeds, cfg.num_colors), initial_grids(grid_seeds, cfg)
     frames, grid, t = rollout(grid, rules, grid_seeds, 0, cfg.score_frames, cfg, skip=cfg.burn_in)
     return gzip_ratio(patch_ids(frames, cfg)), frames, grid, t, rules
 
@@ -383,34 +336,26 @@ def in_band(ratios, cfg):
 # device. Its state is a few integers: the number of the first sequence not yet handed out; a restored stream
 # simulates again from there, and the same rules are accepted again.
 
-def select_rules(rules, rows):
-    return {k: v.index_select(0, rows) for k, v in rules.items()}
-
-
 def default_chunk(device):
-    """Rules simulated together. 512 measured fastest on a CPU (4096 ran slower per rule: cache). On a GPU a step of
-    512 small grids is a few microseconds of work per kernel launch, so 4096 amortises the launches (not yet measured
-    on a GPU; tune with python nca.py --bench --chunk N)."""
+    """Rules simulated together. 512 measured fastest on a CPU (4096 ran slower per rule: cache). On a GPU a step of 512
+    small grids is microseconds of work per kernel launch: 4096 amortises them (not yet measured: bench.py nca)."""
     return 4096 if torch.device(device).type == "cuda" else 512
 
 
 class NCAStream:
-    """An endless stream of (x, y) batches of shape (batch_size, seq_len) of NCA token sequences.
-
-    Every sequence comes from its own rule and initial grid. With num_rules=0 (default) every sequence gets a fresh
-    rule that passed the gzip band; with num_rules=N the pool is the first N rules that pass, reused with fresh
-    initial grids epoch after epoch, in a new order each epoch (the paper reused 16,000 rules for 10 epochs).
-    y is x shifted by one; the first frame's targets are -1 (ignored by the loss): nothing to infer a rule from yet.
-    held_out=True sets the top bit 2^31 of every seed, which no training stream's seed has (for evaluation).
-    """
+    """An endless stream of (x, y) batches of shape (batch_size, seq_len) of NCA token sequences, each from its own rule
+    and initial grid. With num_rules=0 (default) every sequence gets a fresh rule that passed the gzip band; with
+    num_rules=N the pool is the first N rules that pass, reused with fresh initial grids epoch after epoch, in a new
+    order each epoch (the paper reused 16,000 rules for 10 epochs). y is x shifted by one; the first frame's targets are
+    -1 (ignored by the loss): nothing to infer a rule from yet. held_out=True sets the top bit 2^31 of every seed, which
+    no training stream's seed has (for evaluation)."""
 
     def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
                  max_rejected=20_000, held_out=False):
         cfg.validate()
         if seq_len < cfg.frame_len:
-            raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame "
-                             f"({cfg.frame_len} tokens), so every target would be masked; use at least "
-                             f"{2 * cfg.frame_len}")
+            raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame ({cfg.frame_len} "
+                             f"tokens), so every target would be masked; use at least {2 * cfg.frame_len}")
         self.cfg, self.batch_size, self.seq_len = cfg, batch_size, seq_len
         if chunk < 0:
             raise ValueError(f"--chunk must be >= 0 (0: {default_chunk('cpu')} on CPU, {default_chunk('cuda')} on "
@@ -418,8 +363,7 @@ class NCAStream:
         self.device, self.chunk, self.max_rejected = torch.device(device), chunk or default_chunk(device), max_rejected
         self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
         self.seed, self.held_out, self.num_rules = seed, held_out, num_rules
-        self.tried = self.accepted = 0
-        self.next_rule = 0  # index of the next rule to simulate
+        self.tried = self.accepted = self.next_rule = 0  # next_rule: the index of the next rule to simulate
         self.buffer = []    # accepted sequences not yet handed out (device tensors), so no simulated rule is wasted
         self.numbers = []   # host ints, one per buffered sequence: its rule index, or its pool sequence number
         self.pool = self.filter_rules(num_rules) if num_rules else None  # rule seeds (num_rules,) on the device
@@ -439,20 +383,18 @@ class NCAStream:
     def count(self, ratios):
         """Book-keeping of the acceptance rate, and the guard against a band that accepts nothing."""
         keep = in_band(ratios, self.cfg)
-        self.tried += len(keep)
-        self.accepted += int(keep.sum())
+        self.tried, self.accepted = self.tried + len(keep), self.accepted + int(keep.sum())
         if self.accepted == 0 and self.tried >= self.max_rejected:
             raise RuntimeError(
-                f"--band ({self.cfg.band_lo}, {self.cfg.band_hi}) accepted none of {self.tried:,} random rules "
-                f"(ratios ranged {ratios.min():.3f}..{ratios.max():.3f} in the last chunk); widen the band, or see "
-                f"the distribution with: python nca.py --num_colors {self.cfg.num_colors} --stats 2000")
+                f"--band ({self.cfg.band_lo}, {self.cfg.band_hi}) accepted none of {self.tried:,} random rules (ratios "
+                f"ranged {ratios.min():.3f}..{ratios.max():.3f} in the last chunk); widen the band, or see the "
+                f"distribution with: python study.py stats --num_colors {self.cfg.num_colors} --rules 2000")
         return keep
 
     def fresh_rules(self):
-        """Score the next chunk of rules. Returns the indices of the accepted ones (host ints, ascending), their rows
-        in the chunk (an index tensor on the device), the chunk's grid seeds and score_rules' outputs. The accept
-        decision is made on the host (gzip), so rows are picked with index_select, never with a device mask (which
-        waits for the GPU to learn how many rows there are)."""
+        """Score the next chunk of rules. Returns the indices of the accepted ones (host ints, ascending), their rows in
+        the chunk (a device index tensor), the chunk's grid seeds and score_rules' outputs. The decision is made on the
+        host (gzip), so rows are picked by index_select, never a device mask (which waits for the GPU's row count)."""
         index = torch.arange(self.next_rule, self.next_rule + self.chunk, device=self.device)
         grid_seeds = self.seeds(GRID_SEEDS, index)
         scored = score_rules(self.seeds(RULE_SEEDS, index), grid_seeds, self.cfg)
@@ -467,7 +409,8 @@ class NCAStream:
         frames, more = frames.index_select(0, rows), self.num_frames - self.cfg.score_frames
         if more > 0 and accepted:
             grid, grid_seeds = grid.index_select(0, rows), grid_seeds.index_select(0, rows)
-            rest, _, _ = rollout(grid, select_rules(rules, rows), grid_seeds, t, more + 1, self.cfg)
+            rules = {k: v.index_select(0, rows) for k, v in rules.items()}
+            rest, _, _ = rollout(grid, rules, grid_seeds, t, more + 1, self.cfg)
             frames = torch.cat([frames, rest[:, 1:]], dim=1)  # rest[:, 0] repeats the last scoring frame
         return frames, accepted
 
@@ -489,8 +432,8 @@ class NCAStream:
         self.next_sequence += len(places)
         rules = sample_rules(self.pool.index_select(0, places.to(self.device)), self.cfg.num_colors)
         grid_seeds = self.seeds(POOL_GRIDS, numbers)
-        grid = initial_grids(grid_seeds, self.cfg)
-        frames = rollout(grid, rules, grid_seeds, 0, self.num_frames, self.cfg, skip=self.cfg.burn_in)[0]
+        frames = rollout(initial_grids(grid_seeds, self.cfg), rules, grid_seeds, 0, self.num_frames, self.cfg,
+                         skip=self.cfg.burn_in)[0]
         return frames, list(range(k, k + len(places)))
 
     def next_batch(self):
@@ -535,5 +478,4 @@ class NCAStream:
         self.buffer, self.numbers = [], []
 
     def __iter__(self):
-        while True:
-            yield self.next_batch()
+        return iter(self.next_batch, None)  # endless: next_batch never returns None

@@ -282,10 +282,10 @@ def test_stats_quantiles_print_bands_ready_to_paste(capsys):
 
 def test_fast_sampler_is_the_inverse_cdf_bit_for_bit():
     """nca.sample_step must return sample_categorical's states for every cell: decided cells (best state alone within
-    31T), exact ties, near-ties around the 30T clamp, T=0 and a hot T where almost no cell is decided, C of 3, 10 and
-    300 (the int16 and int64 codes)."""
+    31T), exact ties, near-ties around the 30T clamp, T=0 and a hot T where almost no cell is decided, C of 3, 10,
+    100 (the int16 code wraps in undecided cells) and 300 (the int64 code)."""
     gen = torch.Generator().manual_seed(0)
-    for C, T in ((10, 1e-4), (10, 0.0), (10, 1.0), (3, 1e-4), (300, 1e-4), (300, 0.0)):
+    for C, T in ((10, 1e-4), (10, 0.0), (10, 1.0), (3, 1e-4), (100, 1.0), (300, 1e-4), (300, 0.0)):
         logits = torch.randn(8, C, 50, generator=gen, dtype=torch.float64)
         logits[:, :, :5] = 0.0                                                   # all C states tied
         logits[:, 1, 5:25] = logits[:, 0, 5:25] + T * torch.linspace(-33, 3, 20, dtype=torch.float64)  # near-ties
