@@ -56,7 +56,6 @@ class NCAConfig:
         return safety.check_nca_config(self)  # a message that names the flag and the fix, before any work
 
 
-
 def add_config_flags(parser):
     """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
     for f in fields(NCAConfig):
