@@ -250,17 +250,19 @@ def test_bad_arguments_fail_fast_with_a_message():
 
 
 def test_command_line_stats_prints_deciles_and_acceptance(capsys):
-    study.main(["stats", "--rules", "64", "--grid", "6", "--num_colors", "4", "--band", "0.2", "0.9"])
+    study.main(["stats", "--device", "cpu", "--rules", "64", "--grid", "6", "--num_colors", "4", "--band", "0.2",
+                "0.9"])
     out = capsys.readouterr().out
     deciles = [float(v) for v in out.split("gzip_deciles:")[1].split("\n")[0].split()]
     assert len(deciles) == 11 and deciles == sorted(deciles)
     assert 0 <= float(out.split("accept_rate:")[1].split()[0]) <= 1
     with pytest.raises(SystemExit, match="--patch"):
-        study.main(["stats", "--grid", "7"])  # the patch does not divide the grid
+        study.main(["stats", "--device", "cpu", "--grid", "7"])  # the patch does not divide the grid
 
 
 def test_stats_quantiles_print_bands_ready_to_paste(capsys):
-    study.main(["stats", "--rules", "64", "--grid", "6", "--num_colors", "4", "--quantiles", "0.3", "0.6", "0.8",
+    study.main(["stats", "--device", "cpu", "--rules", "64", "--grid", "6", "--num_colors", "4", "--quantiles", "0.3",
+                "0.6", "0.8",
                 "1.0"])
     out = capsys.readouterr().out
     assert len(out.split("gzip_quantiles:")[1].split("\n")[0].split()) == 4
@@ -276,7 +278,7 @@ def test_stats_quantiles_print_bands_ready_to_paste(capsys):
     assert bands[2][2:] == (0.02, 0.227, 0.30)  # ratios 0.02 < r < 0.227: the 30 spread ones below quantile 0.6
     for bad in (["--quantiles", "0.5", "0.2"], ["--quantiles", "1.5"], ["--rules", "0"]):  # descending, out of [0, 1]
         with pytest.raises(SystemExit, match="--quantiles|--rules"):
-            study.main(["stats", *bad])
+            study.main(["stats", "--device", "cpu", *bad])
 
 
 

@@ -534,8 +534,9 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
 def prepare_datasets(cfg, stages, ddp):
     """The offline datasets are made on first use, by rank 0 alone (two writers would corrupt a file); the other
     ranks wait. A fine-tune from scratch needs its pre-training corpus too: its tokenizer."""
-    needed = [(getattr(cfg, f"{s}_data"), "pairs" if s == "finetune" else "tokens") for s in stages] + \
-        [(cfg.pretrain_data, "tokens")] * ("finetune" in stages and cfg.pretrain_data in OFFLINE_DATA)
+    needed = [(getattr(cfg, f"{s}_data"), "pairs" if s == "finetune" else "tokens") for s in stages]
+    if "finetune" in stages and cfg.pretrain_data in OFFLINE_DATA:
+        needed.append((cfg.pretrain_data, "tokens"))
     for name, kind in needed if ddp.master else ():
         if name not in STREAMED:
             prepared(cfg.data_dir, name, kind)
