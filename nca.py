@@ -227,13 +227,13 @@ def sample_step(logits, noise_seeds, t, temperature):
 
 def step(grid, rules, noise_seeds, t, cfg, fast=True):
     """One synchronous update of every cell of every grid: sample (logits + bias * onehot(state)) / temperature, cell
-    (r, n) with the uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n). fast=False is the previous engine
-    (bench.py's reference): every cell's uniform drawn and sampled by inverse CDF; the same states bit for bit."""
+    (r, n) with uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n), by sample_step on a CPU from 2^16 logits
+    (the break-even), else by inverse CDF (GPU: no host sync; fast=False: bench.py's old engine). Same states."""
     R, H, W = grid.shape
     logits = rule_logits(grid, rules, cfg.num_colors, fast)
     if cfg.identity_bias:
         logits = logits + cfg.identity_bias * F.one_hot(grid.view(R, H * W), cfg.num_colors).transpose(1, 2)
-    if fast:
+    if fast and grid.device.type == "cpu" and logits.numel() >= 2 ** 16:
         return sample_step(logits, noise_seeds, t, cfg.temperature).view(R, H, W)
     u = random_uniform(noise_seeds[:, None], UPDATE_NOISE, t, torch.arange(H * W, device=grid.device))
     return sample_categorical(logits, u, cfg.temperature).view(R, H, W)

@@ -301,15 +301,16 @@ def test_fast_sampler_is_the_inverse_cdf_bit_for_bit():
 def test_fast_engine_streams_equal_the_previous_engine():
     """The fast paths (nca.step, nca.patch_ids) against the previous engine (bench.engine(reference=True)): the same
     batches bit for bit, fresh rules and a pool, 4 and 10 colours, with an identity bias and at temperature 0."""
-    configs = [(BAND_TEST, 60, 0), (BAND_TEST, 60, 5), (NCAConfig(), 120, 0), (NCAConfig(), 120, 3),
-               (NCAConfig(grid=8, identity_bias=0.3, band_lo=0.0), 120, 0), (NCAConfig(grid=8, temperature=0.0), 120, 0)]
-    for cfg, seq_len, num_rules in configs:
+    configs = [(BAND_TEST, 60, 0, 512), (BAND_TEST, 60, 5, 512), (NCAConfig(), 120, 0, 64), (NCAConfig(), 120, 3, 64),
+               (NCAConfig(grid=8, identity_bias=0.3, band_lo=0.0), 120, 0, 128),
+               (NCAConfig(grid=8, temperature=0.0), 120, 0, 128)]  # chunks of >= 2^16 logits: nca.step's fast path
+    for cfg, seq_len, num_rules, chunk in configs:
         for seed in (0, 11):
             runs = []
             for reference in (False, True):
                 with bench.engine(reference):
                     runs.append(take(NCAStream(cfg, batch_size=8, seq_len=seq_len, seed=seed, num_rules=num_rules,
-                                               chunk=64), 3))
+                                               chunk=chunk), 3))
             assert same_batches(*runs), (cfg, num_rules, seed)
 
 # =============================================================================
