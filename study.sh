@@ -29,6 +29,10 @@
 #   scratch-w256, nca-w256, dyck-w256
 #                      scratch, nca and dyck with a wider model (width 256: 3.3M parameters instead of 0.87M), the same
 #                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~2x the time)
+#   scratch-w512, nca-w512, dyck-w512
+#                      the same at width 512 (13M parameters; by estimate 3-4x the time of width 256)
+#   nca-torch-init-w256, scratch-torch-init-w256
+#                      the initialisation question at width 256 (as nca-torch-init and scratch-torch-init)
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
@@ -45,6 +49,7 @@ ARMS=${ARMS:-"scratch nca dyck random"}
 COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0 --device cpu --resume"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
 WIDE="--n_embd 256"                                                                       # the w256 arms
+WIDER="--n_embd 512"                                                                      # the w512 arms
 STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"                  # 2.0M tokens
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
@@ -73,6 +78,14 @@ run_arm() {  # run_arm <arm> <seed>
     scratch-w256)    python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDE --seed $seed --out_dir $dir ;;
     nca-w256)        python train.py $COMMON $STAGE1 $STAGE2 $WIDE --seed $seed --out_dir $dir ;;
     dyck-w256)       python train.py $COMMON $STAGE1 $STAGE2 $WIDE --prepretrain_data dyck --seed $seed --out_dir $dir ;;
+    nca-torch-init-w256)
+                     python train.py $COMMON $STAGE1 $STAGE2 $WIDE --embed_init torch --seed $seed --out_dir $dir ;;
+    scratch-torch-init-w256)
+                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDE --embed_init torch --seed $seed \
+                       --out_dir $dir ;;
+    scratch-w512)    python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER --seed $seed --out_dir $dir ;;
+    nca-w512)        python train.py $COMMON $STAGE1 $STAGE2 $WIDER --seed $seed --out_dir $dir ;;
+    dyck-w512)       python train.py $COMMON $STAGE1 $STAGE2 $WIDER --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
     nca-long)        python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_iters 1500 --seed $seed --out_dir $dir ;;
@@ -87,6 +100,6 @@ for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
   (for arm in $ARMS; do run_arm $arm $seed; done) > $OUT/seed$seed.$(echo $ARMS | tr ' ' '+').log 2>&1 &
 done
 wait
-BASE=scratch; case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; esac  # a model is compared with its own width
+BASE=scratch; case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; *-w512\ *) BASE=scratch-w512 ;; esac  # its own width
 RUNS=$(for arm in $BASE $ARMS; do echo "$OUT/${arm}_seed*"; done | sort -u)  # these arms against the baseline
 python study.py compare --runs $RUNS --stage pretrain --baseline $BASE --out $OUT/compare.png | tee $OUT/table.md

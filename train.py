@@ -69,7 +69,7 @@ class TrainConfig:
     # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
     prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (each sequence's patch tokens permuted: NCA's "
                                        "statistics, no dynamics); or a token corpus as a control (dyck, random, c4)")
-    prepretrain_iters: int = arg(100, "0 skips the stage: the from-scratch control")
+    prepretrain_iters: int = arg(60, "0 skips the stage: the from-scratch control")
     prepretrain_lr: float = arg(3e-4, "gentle: aggressive stage-1 rates hurt the transfer at small scale")
     prepretrain_schedule: str = arg("cosine", "cosine, or ramp: warmup over the whole stage (the authors' code)")
     nca_prefetch: bool = arg(True, "make the next NCA batch in a background thread while the model trains")
