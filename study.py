@@ -1,16 +1,18 @@
 """
 The study's tools: a look at the NCA data (a picture, gzip statistics, complexity bands), and the analysis of
-study.sh's runs (validation curves against a baseline arm, the probe against the gain). None of it is needed to
-train; STUDY.md shows what each command printed.
+study.sh's runs (validation curves against a baseline arm, the probe against the gain, the gain against model
+size). None of it is needed to train; STUDY.md shows what each command printed.
 
   python study.py demo                                   # nca_demo.png: one rule per gzip band, and the histogram
   python study.py stats --rules 2000                     # gzip-ratio deciles and the acceptance of the band
   python study.py stats --num_colors 4 --quantiles 0.2 0.4 0.6 0.8   # low/middle/high bands, as --band flags
   python study.py compare --runs 'out/study/*' --baseline scratch   # <arm>_seed<k> runs -> table and plot
   python study.py probes --runs 'out/study/*' --out probe_vs_gain.png # in-context probe against the stage-2 gain
+  python study.py size --runs 'out/study/*_seed*' --out size.png     # the gain against parameters, every width
 """
 import argparse
 import glob
+import json
 import math
 import os
 import re
@@ -21,6 +23,7 @@ import torch
 
 import nca
 from data.common import ArgumentParser, read_jsonl
+from model import GPT, ModelConfig
 from plots import demo, pyplot, save_figure
 from safety import load_checkpoint
 
@@ -400,6 +403,136 @@ def run_probes(args):
 
 
 # -----------------------------------------------------------------------------
+# the gain against model size: every run paired with the baseline run of its width and seed
+
+# Reference marks, read off public reports: (label, parameters, loss - scratch, unit). Ours are nats per byte.
+# The authors' blog (1.6B Llama, ~9B tokens of OpenWebText in stage 2, GPT-2 BPE): scratch 2.685, NCA 2.626,
+# Dyck ~2.664; independent re-runs: nanochat d12 (124M) +0.0007 to +0.0089 bits/byte, a 108M run (6B tokens) 2.931
+# against 2.925, a 1.4B-class data-limited run 3.207 against 3.177.
+REFERENCES = (("authors, NCA", 1.6e9, 2.626 - 2.685, "nats/token"),
+              ("authors, Dyck", 1.6e9, 2.664 - 2.685, "nats/token"),
+              ("nanochat d12, NCA (worst)", 124e6, 0.0089 * math.log(2), "nats/byte"),
+              ("nanochat d12, NCA (best)", 124e6, 0.0007 * math.log(2), "nats/byte"),
+              ("108M run, NCA", 108e6, 2.931 - 2.925, "nats/token"),
+              ("1.4B data-limited, NCA", 1.4e9, 3.207 - 3.177, "nats/token"))
+
+
+def two_sided_p(t, dof):
+    """Two-sided p-value of Student's t with dof degrees of freedom: 1 - 2 x (the density's integral from 0 to |t|),
+    by Simpson's rule (no SciPy)."""
+    if math.isinf(t):
+        return 0.0
+    x = np.linspace(0.0, abs(t), 2001)
+    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    density = np.exp(log_norm - (dof + 1) / 2 * np.log1p(x ** 2 / dof))
+    integral = (x[1] - x[0]) / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
+    return float(min(1.0, max(0.0, 1 - 2 * integral)))
+
+
+def paired_t(differences):
+    """(t, two-sided p) of the paired differences' mean against 0, with len - 1 degrees of freedom; None for < 2."""
+    if len(differences) < 2:
+        return None
+    mean, std = float(np.mean(differences)), float(np.std(differences, ddof=1))
+    t = mean / (std / math.sqrt(len(differences))) if std > 0 else math.copysign(math.inf, mean)
+    return t, two_sided_p(t, len(differences) - 1)
+
+
+def family_of(arm):
+    """An arm's name without its width suffix: nca-w256 and nca are the same stage 1 at two widths."""
+    return re.sub(r"-w\d+$", "", arm)
+
+
+def run_size(run_dir):
+    """(width, parameters) of a run's model, from the settings train.py writes beside the stage-2 log."""
+    path = os.path.join(run_dir, "pretrain", "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--runs: no {path}; train.py writes it when a stage starts")
+    with open(path) as f:
+        model_args = json.load(f)["model_args"]
+    with torch.device("meta"):  # the shapes only: no memory, no initialisation
+        model = GPT(ModelConfig(**model_args))
+    return model_args["n_embd"], model.num_params()
+
+
+def size_rows(run_dirs, families, baseline="scratch"):
+    """Per run of the given families: its width, parameters, seed and stage-2 gain (final val loss - the baseline
+    family's run of the same width and seed). Runs without such a twin are named and left out."""
+    runs = []
+    for run in run_dirs:
+        arm, seed = arm_of(run)
+        runs.append((run, family_of(arm), seed, *run_size(run), read_log(run, "pretrain")[2][-1]))
+    base = {(params, seed): loss for _, family, seed, _, params, loss in runs if family == baseline}
+    rows = []
+    for run, family, seed, width, params, loss in runs:
+        if family not in families:
+            continue
+        if (params, seed) not in base:
+            print(f"left out {run}: no {baseline} run of width {width} and seed {seed} to pair it with")
+            continue
+        rows.append({"family": family, "width": width, "params": params, "seed": seed,
+                     "gain": loss - base[params, seed]})
+    if not rows:
+        raise ValueError(f"--runs: no run of {', '.join(families)} has a {baseline} twin of its width and seed")
+    return rows
+
+
+def size_groups(rows):
+    """{(family, width, params): [gains in seed order]}, in family then width order."""
+    groups = {}
+    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["seed"])):
+        groups.setdefault((r["family"], r["width"], r["params"]), []).append(r["gain"])
+    return groups
+
+
+def size_table(rows, baseline):
+    lines = [f"| stage 1 | width | parameters | seeds | loss - {baseline}, same width and seed (lower in) | per seed | "
+             f"paired t | two-sided p |", "|" + " --- |" * 8]
+    for (family, width, params), gains in size_groups(rows).items():
+        test = paired_t(gains)
+        lower = sum(g < 0 for g in gains)
+        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4)} ({lower}/{len(gains)})"
+                     f" | {' '.join(f'{g:+.3f}' for g in gains)} | " +
+                     (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
+    return "\n".join(lines)
+
+
+def plot_size(rows, out, baseline):
+    """Every run's gain against its parameter count (log scale), the mean and std per width, and the public
+    results at 100M+ parameters as reference marks (their units in the legend)."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    families = list(dict.fromkeys(r["family"] for r in sorted(rows, key=lambda r: r["family"])))
+    for (family, _, params), gains in size_groups(rows).items():
+        colour = f"C{families.index(family)}"
+        shift = 1.06 ** (families.index(family) - (len(families) - 1) / 2)  # side by side, not on top of each other
+        ax.scatter([params * shift] * len(gains), gains, color=colour, s=18, alpha=0.6)
+        std = np.std(gains, ddof=1) if len(gains) > 1 else 0.0
+        ax.errorbar(params * shift, np.mean(gains), yerr=std, color=colour, marker="_", markersize=14, capsize=4)
+    for i, family in enumerate(families):
+        ax.plot([], [], color=f"C{i}", marker="o", label=f"{family}: runs, mean ± std (ours, nats/byte)")
+    for label, params, gain, unit in REFERENCES:
+        ax.scatter(params, gain, marker="*" if label.startswith("authors") else "x", s=60, color="k" if "NCA" in label
+                   else "grey", label=f"{label} ({unit})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"final stage-2 loss - {baseline} (below 0: stage 1 helped)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, out)
+
+
+def run_size_command(args):
+    rows = size_rows(finished_runs(expand_runs(args.runs), ["pretrain"]), args.arms, args.baseline)
+    table = size_table(rows, args.baseline)
+    print(table)
+    plot_size(rows, args.out, args.baseline)
+    return table
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -427,6 +560,11 @@ def main(argv=None):
     sub.add_argument("--runs", nargs="+", required=True, help="run folders (<arm>_seed<k>) or glob patterns")
     sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, seed by seed")
     sub.add_argument("--out", default="probe_vs_gain.png", help="where to write the scatter plot")
+    sub = commands.add_parser("size", help="the stage-2 gain of each run against its parameter count")
+    sub.add_argument("--runs", nargs="+", required=True, help="run folders (<arm>_seed<k>, <arm>-w<width>_seed<k>)")
+    sub.add_argument("--arms", nargs="+", default=("nca", "dyck"), help="stage-1 arms to draw (without -w<width>)")
+    sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, by width and seed")
+    sub.add_argument("--out", default="size.png", help="where to write the figure")
     args = parser.parse_args(argv)
     try:
         if args.command in ("demo", "stats"):
@@ -439,7 +577,7 @@ def main(argv=None):
             if any(not 0 <= q <= 1 for q in quantiles) or any(a >= b for a, b in zip(quantiles, quantiles[1:])):
                 raise ValueError(f"--quantiles must be ascending numbers in [0, 1], got {quantiles}")
             return print_stats(cfg, args.rules, args.device, quantiles)
-        return run_compare(args) if args.command == "compare" else run_probes(args)
+        return {"compare": run_compare, "probes": run_probes, "size": run_size_command}[args.command](args)
     except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
         sys.exit(f"study.py {args.command}: error: {e}")
 

@@ -1121,6 +1121,14 @@ def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsy
     assert ckpts["finetune"]["data"]["name"] == "arith" and ckpts["finetune"]["iter_num"] == 4
     for stage in train.STAGES:  # every evaluation of every stage logs the in-context probe
         assert all("icl_score" in r and "induction_score" in r for r in read_log(tmp_path / "out" / stage / "log.jsonl"))
+    for stage in train.STAGES:  # the settings beside every log, the same as the checkpoint's
+        with open(tmp_path / "out" / stage / "config.json") as f:
+            settings = json.load(f)
+        assert settings["model_args"] == ckpts[stage]["model_args"] and settings["config"] == ckpts[stage]["config"]
+        assert (settings["nca_config"] is None) == (stage != "prepretrain")
+    width, params = study.run_size(str(tmp_path / "out"))
+    assert (width, params) == (ckpts["pretrain"]["model_args"]["n_embd"],
+                               sum(t.numel() for t in ckpts["pretrain"]["model"].values()))
 
 
 def test_tokens_seen_counts_every_micro_batch(tmp_path, tiny_data, monkeypatch):
@@ -1836,6 +1844,52 @@ def test_probes_pair_runs_by_seed_and_plot_the_scatter(tmp_path, capsys):
     assert [r["icl_score_1"] for r in nca_rows] == pytest.approx([-0.2, -0.3])
     table = capsys.readouterr().out
     assert "| nca | 2 | -0.0150 ± 0.0071 (2/2) | -0.2500 ± 0.0707 |" in table and os.path.exists(out)
+
+
+def test_two_sided_p_of_student_t():
+    assert study.two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-6)         # Cauchy: 1 - 2 atan(t) / pi
+    assert study.two_sided_p(3.0, 1) == pytest.approx(1 - 2 * math.atan(3.0) / math.pi, abs=1e-6)
+    assert study.two_sided_p(2.776445, 4) == pytest.approx(0.05, abs=1e-5)    # the tables' 97.5% point
+    assert study.two_sided_p(0.0, 3) == pytest.approx(1.0) and study.two_sided_p(math.inf, 2) == 0.0
+    assert study.paired_t([0.1]) is None
+    t, p = study.paired_t([-0.01, -0.02, -0.03])
+    assert t == pytest.approx(-0.02 / (0.01 / math.sqrt(3))) and p == pytest.approx(study.two_sided_p(t, 2))
+
+
+def write_sized_run(run_dir, width, final_loss):
+    write_log(run_dir, "pretrain", [0, 100], [5.0, final_loss])
+    args = {**asdict(ModelConfig()), "vocab_size": 257, "n_embd": width}
+    with open(os.path.join(run_dir, "pretrain", "config.json"), "w") as f:
+        json.dump({"model_args": args, "config": {}, "nca_config": None}, f)
+
+
+def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys):
+    for seed, base in ((0, 1.50), (1, 1.60), (2, 1.55)):  # width 32: nca lower on 2 of 3 seeds
+        write_sized_run(str(tmp_path / f"scratch_seed{seed}"), 32, base)
+        write_sized_run(str(tmp_path / f"nca_seed{seed}"), 32, base + (-0.02, -0.04, 0.03)[seed])
+        write_sized_run(str(tmp_path / f"scratch-w64_seed{seed}"), 64, base - 0.1)
+        write_sized_run(str(tmp_path / f"nca-w64_seed{seed}"), 64, base - 0.1 - 0.01 * (seed + 1))
+    write_sized_run(str(tmp_path / "dyck-w64_seed5"), 64, 1.0)  # no scratch twin: left out, named
+    out = str(tmp_path / "size.png")
+    table = study.main(["size", "--runs", str(tmp_path / "*_seed*"), "--out", out])
+    assert "left out" in capsys.readouterr().out and os.path.getsize(out) > 0
+    rows = {(line.split("|")[1].strip(), line.split("|")[2].strip()): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines()[2:]}
+    assert set(rows) == {("nca", "32"), ("nca", "64")}
+    small, big = rows["nca", "32"], rows["nca", "64"]
+    gains = [-0.02, -0.04, 0.03]
+    assert small[1:4] == ["3", f"{np.mean(gains):.4f} ± {np.std(gains, ddof=1):.4f} (2/3)", "-0.020 -0.040 +0.030"]
+    t, p = study.paired_t(gains)
+    assert small[4:] == [f"{t:+.2f}", f"{p:.2f}"]
+    assert big[2:4] == ["-0.0200 ± 0.0100 (3/3)", "-0.010 -0.020 -0.030"] and big[4] == "-3.46"
+    with torch.device("meta"):
+        assert int(big[0].replace(",", "")) == GPT(ModelConfig(vocab_size=257, n_embd=64)).num_params()
+
+
+def test_size_names_a_run_without_settings(tmp_path):
+    write_log(tmp_path / "nca_seed0", "pretrain", [0, 10], [2.0, 1.0])
+    with pytest.raises(SystemExit, match="no .*config.json; train.py writes it"):
+        study.main(["size", "--runs", str(tmp_path / "nca_seed0"), "--out", str(tmp_path / "s.png")])
 
 
 def test_eval_export_refuses_a_file_as_out_dir(tmp_path, capsys):

@@ -23,8 +23,8 @@ Every hyperparameter is a flag (python train.py --help). Examples:
   python train.py --resume                          # continue an interrupted run where it stopped
   torchrun --standalone --nproc_per_node=4 train.py # 4 GPUs share each step's batch
 
-Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically) and out_dir/<stage>/log.jsonl
-(one line per evaluation, read by eval.py and study.py).
+Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically), out_dir/<stage>/log.jsonl (one
+line per evaluation, read by eval.py and study.py) and out_dir/<stage>/config.json (the run's settings).
 """
 import argparse
 import dataclasses
@@ -417,7 +417,15 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
             safety.trim_log(log_path, run.iter_num)
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
+        with open(os.path.join(stage_dir, "config.json"), "w") as f:  # its settings, readable without torch
+            json.dump(settings(run, cfg, nca_cfg), f, indent=1)
     return run
+
+
+def settings(run, cfg, nca_cfg):
+    """The run's settings: the config that rebuilds the model (model_args), the training flags, the NCA flags."""
+    return {"model_args": asdict(run.model.config), "config": asdict(cfg),
+            "nca_config": asdict(nca_cfg) if isinstance(run.data, NCAData) else None}
 
 
 def save(run, cfg, nca_cfg, ddp):
@@ -428,9 +436,8 @@ def save(run, cfg, nca_cfg, ddp):
         return
     data = run.data
     safety.save_checkpoint(run.ckpt_path, {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "model_args": asdict(run.model.config), "config": asdict(cfg),
-        "nca_config": asdict(nca_cfg) if isinstance(data, NCAData) else None, "stage": run.name,
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **settings(run, cfg, nca_cfg),
+        "stage": run.name,
         "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                  "eot_token": data.eot_token},
         "iter_num": run.iter_num, "max_iters": run.max_iters, "tokens_seen": run.tokens_seen,
