@@ -512,9 +512,9 @@ def plot_size(rows, out, baseline):
         ax.errorbar(params * shift, np.mean(gains), yerr=std, color=colour, marker="_", markersize=14, capsize=4)
     for i, family in enumerate(families):
         ax.plot([], [], color=f"C{i}", marker="o", label=f"{family}: runs, mean ± std (ours, nats/byte)")
-    for label, params, gain, unit in REFERENCES:
-        ax.scatter(params, gain, marker="*" if label.startswith("authors") else "x", s=60, color="k" if "NCA" in label
-                   else "grey", label=f"{label} ({unit})")
+    for (label, params, gain, unit), marker in zip(REFERENCES, "**v^sD"):  # a marker each: the legend tells them apart
+        ax.scatter(params, gain, marker=marker, s=70 if marker == "*" else 40, color="k" if "NCA" in label else "grey",
+                   label=f"{label} ({unit})")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
