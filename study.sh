@@ -30,7 +30,9 @@
 #                      scratch, nca and dyck with a wider model (width 256: 3.3M parameters instead of 0.87M), the same
 #                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~2x the time)
 #   scratch-w512, nca-w512, dyck-w512
-#                      the same at width 512 (13M parameters; by estimate 3-4x the time of width 256)
+#                      the same at width 512 (13M parameters; about 3.3x the time of width 256), stage 2 at lr 1e-3:
+#                      chosen on scratch alone, before the NCA arms' stage 2, against scratch-lr2e-3-w512 (the other
+#                      widths' 2e-3)
 #   nca-torch-init-w256, scratch-torch-init-w256
 #                      the initialisation question at width 256 (as nca-torch-init and scratch-torch-init)
 # exploration (one knob of the nca or dyck arm changed each):
@@ -49,7 +51,7 @@ ARMS=${ARMS:-"scratch nca dyck random"}
 COMMON="--eval_interval 50 --eval_iters 20 --log_interval 50 --finetune_iters 0 --device cpu --resume"
 STAGE1="--prepretrain_iters 500 --prepretrain_lr 2e-4 --num_colors 4 --band 0.25 1.0"   # 2.0M tokens, gentle
 WIDE="--n_embd 256"                                                                       # the w256 arms
-WIDER="--n_embd 512"                                                                      # the w512 arms
+WIDER="--n_embd 512 --pretrain_lr 1e-3"  # the w512 arms: at 2e-3 scratch-w512 trailed width 256 (scratch-lr2e-3-w512)
 STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"                  # 2.0M tokens
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
@@ -84,6 +86,8 @@ run_arm() {  # run_arm <arm> <seed>
                      python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDE --embed_init torch --seed $seed \
                        --out_dir $dir ;;
     scratch-w512)    python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER --seed $seed --out_dir $dir ;;
+    scratch-lr2e-3-w512)
+                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 --n_embd 512 --seed $seed --out_dir $dir ;;
     nca-w512)        python train.py $COMMON $STAGE1 $STAGE2 $WIDER --seed $seed --out_dir $dir ;;
     dyck-w512)       python train.py $COMMON $STAGE1 $STAGE2 $WIDER --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
