@@ -33,6 +33,8 @@
 #                      the same at width 512 (13M parameters; about 3.3x the time of width 256), stage 2 at lr 1e-3:
 #                      chosen on scratch alone, before the NCA arms' stage 2, against scratch-lr2e-3-w512 (the other
 #                      widths' 2e-3)
+#   scratch-lr2e-3-w512
+#                      the rate probe: scratch at width 512 with the other widths' stage-2 rate, 2e-3
 #   nca-torch-init-w256, scratch-torch-init-w256
 #                      the initialisation question at width 256 (as nca-torch-init and scratch-torch-init)
 # exploration (one knob of the nca or dyck arm changed each):
