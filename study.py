@@ -130,16 +130,23 @@ def expand_runs(patterns):
 
 
 def unfinished(run_dir, stage):
-    """Why a run's stage is not finished (no evaluation yet, or its last one short of the iterations its checkpoint
-    planned), or None. A study still running must not enter a table with the loss it has reached so far. A log with
-    no checkpoint beside it counts as finished: nothing says otherwise."""
-    record, ckpt_path = final_record(run_dir, stage), os.path.join(run_dir, stage, "ckpt.pt")
+    """Why a run's stage is not finished (no evaluation yet, or its last one short of the iterations its checkpoint,
+    or else its config.json, planned), or None. A study still running, or stopped, must not enter a table with the
+    loss it has reached so far. A log with neither beside it counts as finished: nothing says otherwise."""
+    record, stage_dir = final_record(run_dir, stage), os.path.join(run_dir, stage)
     if record is None:
         return f"no {stage} evaluation yet"
+    ckpt_path, settings_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "config.json")
     if os.path.exists(ckpt_path):
-        planned = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)["config"].get(f"{stage}_iters")
-        if planned is not None and record["iter"] < planned:
-            return f"{stage} is at iteration {record['iter']} of {planned}"
+        config = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)["config"]
+    elif os.path.exists(settings_path):
+        with open(settings_path) as f:
+            config = json.load(f).get("config", {})
+    else:
+        return None
+    planned = config.get(f"{stage}_iters")
+    if planned is not None and record["iter"] < planned:
+        return f"{stage} is at iteration {record['iter']} of {planned}"
     return None
 
 

@@ -1801,6 +1801,11 @@ def test_compare_and_probes_leave_out_a_run_still_running(tmp_path, capsys):
     rows = study.main(["probes", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "p.png")])
     assert [(r["arm"], r["seed"]) for r in rows] == [("nca", 0), ("scratch", 0)]
     assert "nca_seed1: pretrain is at iteration 10 of 30" in capsys.readouterr().out
+    os.remove(tmp_path / "nca_seed1" / "pretrain" / "ckpt.pt")  # a stopped run's log kept with its settings only
+    with open(tmp_path / "nca_seed1" / "pretrain" / "config.json", "w") as f:
+        json.dump({"model_args": {}, "config": {"pretrain_iters": 30}, "nca_config": None}, f)
+    table = study.main(["compare", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")])
+    assert "nca_seed1: pretrain is at iteration 10 of 30" in capsys.readouterr().out and "| nca | 1 |" in table
 
 
 def test_compare_groups_seeds_into_arms(tmp_path):
