@@ -129,22 +129,34 @@ def expand_runs(patterns):
     return runs
 
 
+def stage_settings(run_dir, stage):
+    """The settings train.py writes beside a stage's log (config.json: model_args, config, nca_config), or None."""
+    path = os.path.join(run_dir, stage, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+        if not isinstance(settings.get("model_args"), dict) or not isinstance(settings.get("config"), dict):
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise ValueError(f"--runs: {path} is not the settings train.py writes (JSON with model_args and config)")
+    return settings
+
+
 def unfinished(run_dir, stage):
     """Why a run's stage is not finished (no evaluation yet, or its last one short of the iterations its checkpoint,
     or else its config.json, planned), or None. A study still running, or stopped, must not enter a table with the
     loss it has reached so far. A log with neither beside it counts as finished: nothing says otherwise."""
-    record, stage_dir = final_record(run_dir, stage), os.path.join(run_dir, stage)
+    record, settings = final_record(run_dir, stage), stage_settings(run_dir, stage)
     if record is None:
         return f"no {stage} evaluation yet"
-    ckpt_path, settings_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "config.json")
-    if os.path.exists(ckpt_path):
-        config = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)["config"]
-    elif os.path.exists(settings_path):
-        with open(settings_path) as f:
-            config = json.load(f).get("config", {})
-    else:
+    ckpt_path = os.path.join(run_dir, stage, "ckpt.pt")
+    if settings is None and os.path.exists(ckpt_path):  # a run from before train.py wrote config.json
+        settings = load_checkpoint(ckpt_path, f"--runs {run_dir}: ", mmap=True)
+    if settings is None:
         return None
-    planned = config.get(f"{stage}_iters")
+    planned = settings["config"].get(f"{stage}_iters")
     if planned is not None and record["iter"] < planned:
         return f"{stage} is at iteration {record['iter']} of {planned}"
     return None
@@ -452,11 +464,11 @@ def family_of(arm):
 
 def run_size(run_dir):
     """(width, parameters) of a run's model, from the settings train.py writes beside the stage-2 log."""
-    path = os.path.join(run_dir, "pretrain", "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--runs: no {path}; train.py writes it when a stage starts")
-    with open(path) as f:
-        model_args = json.load(f)["model_args"]
+    settings = stage_settings(run_dir, "pretrain")
+    if settings is None:
+        raise FileNotFoundError(f"--runs: no {os.path.join(run_dir, 'pretrain', 'config.json')}; train.py writes it "
+                                f"when a stage starts")
+    model_args = settings["model_args"]
     with torch.device("meta"):  # the shapes only: no memory, no initialisation
         model = GPT(ModelConfig(**model_args))
     return model_args["n_embd"], model.num_params()

@@ -1895,6 +1895,9 @@ def test_size_names_a_run_without_settings(tmp_path):
     write_log(tmp_path / "nca_seed0", "pretrain", [0, 10], [2.0, 1.0])
     with pytest.raises(SystemExit, match="no .*config.json; train.py writes it"):
         study.main(["size", "--runs", str(tmp_path / "nca_seed0"), "--out", str(tmp_path / "s.png")])
+    (tmp_path / "nca_seed0" / "pretrain" / "config.json").write_text('["not", "settings"]')
+    with pytest.raises(SystemExit, match="config.json is not the settings train.py writes"):
+        study.main(["size", "--runs", str(tmp_path / "nca_seed0"), "--out", str(tmp_path / "s.png")])
 
 
 def test_eval_export_refuses_a_file_as_out_dir(tmp_path, capsys):
