@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# imported before init_process_group, not after: its functions' defaults (group=group.WORLD) are evaluated at import,
+# and DistributedDataParallel imports it (through torch._dynamo) on first use. Imported then, it keeps the process group
+# alive past destroy_process_group, and the group's gloo threads outlive the interpreter: a rare SIGABRT at exit
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 import safety
 

@@ -2118,6 +2118,36 @@ def test_two_process_gloo_run_of_all_stages_from_an_empty_out_dir(tmp_path, tiny
         "tokens_seen"] == 4 * 4 * 48  # 4 steps of the global batch of 4 sequences, as one process would
 
 
+GLOO_EXIT_SCRIPT = """
+import os, sys, types
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import runtime
+ddp = runtime.setup_distributed(types.SimpleNamespace(device="cpu", batch_size=4, grad_accum=1))
+model = DistributedDataParallel(torch.nn.Linear(4, 4))  # its first use imports torch._dynamo, and with it much more
+model(torch.randn(2, 4)).sum().backward()
+del model
+dist.barrier()
+dist.destroy_process_group()
+threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print(f"rank {ddp.rank} threads after destroy_process_group: {threads}", file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_destroy_process_group_ends_the_gloo_threads_before_the_interpreter_exits(tmp_path):
+    """A process group still alive at exit keeps its gloo threads running while the interpreter shuts down, which
+    aborted a rank now and then (SIGABRT, 'terminate called without an active exception')."""
+    script = tmp_path / "gloo_exit.py"
+    script.write_text(GLOO_EXIT_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.findall(r"rank \d threads after destroy_process_group: .*", result.stderr)
+    assert len(lines) == 2 and not any("gloo" in line for line in lines), lines
+
+
 def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
     flags = ["--stage", "pretrain", "--pretrain_iters", "40", "--eval_interval", "20", "--grad_accum", "2",
              "--pretrain_lr", "1e-2"]
