@@ -2100,15 +2100,26 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
     assert [torch.equal(resumed.get_batch("train")[0], e) for e in expected] == [True, True]
 
 
+def torchrun(*args, env=None):
+    """`torchrun --standalone --nproc_per_node 2 ARGS`: 2 gloo processes, one thread each. A rank that crashes prints
+    every thread's Python stack (faulthandler)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **(env or {})),
+                          capture_output=True, text=True)
+
+
+def ranks_stderr(result):
+    """What the ranks wrote to stderr, without the launcher's traceback that follows it (which fills a short tail)."""
+    return result.stderr.split('Traceback (most recent call last):\n  File "<frozen runpy>"')[0][-3000:]
+
+
 def test_two_process_gloo_run_of_all_stages_from_an_empty_out_dir(tmp_path, tiny_data):
     """Only rank 0 saves a stage's checkpoint; the other ranks must wait for it before the next stage loads it."""
     # the command as users type it: no --grad_accum, so the 2 processes share each micro-batch of --batch_size 4
     flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "4", "--pretrain_iters", "4", "--finetune_iters", "4",
                       "--eval_interval", "2")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", *flags], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train.py", *flags)
+    assert result.returncode == 0, ranks_stderr(result)
     assert "2 processes share each step's 4 x 1 sequences: 1 micro-step(s) of 2 per process" in result.stdout
     assert "FutureWarning" not in result.stderr  # DDP's deprecated broadcast_buffers is not used
     for stage in train.STAGES:
@@ -2140,10 +2151,8 @@ def test_destroy_process_group_ends_the_gloo_threads_before_the_interpreter_exit
     aborted a rank now and then (SIGABRT, 'terminate called without an active exception')."""
     script = tmp_path / "gloo_exit.py"
     script.write_text(GLOO_EXIT_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(str(script), env={"PYTHONPATH": REPO_ROOT})
+    assert result.returncode == 0, ranks_stderr(result)
     lines = re.findall(r"rank \d threads after destroy_process_group: .*", result.stderr)
     assert len(lines) == 2 and not any("gloo" in line for line in lines), lines
 
@@ -2155,9 +2164,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, tiny_data):
     one = run_flags(tmp_path / "one", tiny_data, *flags)
     two = run_flags(tmp_path / "two", tiny_data, *flags)
     subprocess.run([sys.executable, "train.py", *one], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", *two], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train.py", *two)
+    assert result.returncode == 0, ranks_stderr(result)
     logs = [read_log(tmp_path / run / "out" / "pretrain" / "log.jsonl") for run in ("one", "two")]
     assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]  # the same global batch
     assert logs[1][-1]["val_loss"] < logs[1][0]["val_loss"] - 1.0               # it trains
