@@ -28,6 +28,7 @@ line per evaluation, read by eval.py and study.py) and out_dir/<stage>/config.js
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -569,6 +570,9 @@ def main(argv=None):
             # the previous stage's model, optimizer, data and prefetch thread are gone by now: only its checkpoint
             # (init_path) carries over, so the next stage's memory is its own
             init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+            if cfg.compile:  # torch.compile's caches hold the stage's graphs, and through them its process group:
+                torch._dynamo.reset()  # released with the stage (and the reference cycles they leave collected), so
+                gc.collect()           # that destroy_process_group can end the group's threads before the exit
             if torch.device(cfg.device).type == "cuda":
                 torch.cuda.empty_cache()  # hand the cached blocks of the stage before back to the allocator
             if ddp.world > 1:
