@@ -25,7 +25,7 @@
 #                      re-initialisation
 #   nca-band-low, nca-band-mid, nca-band-high
 #                      three complexity bands at 4 colours, between quantiles of that alphabet's gzip-ratio
-#                      distribution (python nca.py --num_colors 4 --stats 2000 --quantiles ...)
+#                      distribution (python study.py stats --num_colors 4 --rules 2000 --quantiles ...)
 #   scratch-w256, nca-w256, dyck-w256
 #                      scratch, nca and dyck with a wider model (width 256: 3.3M parameters instead of 0.87M), the same
 #                      tokens: does the gain grow or shrink with size? (compare against scratch-w256; ~2x the time)
