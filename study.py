@@ -195,10 +195,12 @@ def mean_curve(curves):
     return tokens, losses.mean(axis=0), std
 
 
-def mean_std(values, digits, suffix=""):
+def mean_std(values, digits, suffix="", signed=False):
+    """'mean ± std' (the std over runs, ddof 1); signed: a difference, with its sign even when positive."""
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}{suffix}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}{suffix}"
+        return f"{values[0]:{sign}.{digits}f}{suffix}"
+    return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values, ddof=1):.{digits}f}{suffix}"
 
 
 def format_speedups(speedups, bounds):
@@ -262,7 +264,7 @@ def markdown_table(rows, baseline):
         paired = "-"
         if r["paired"]:
             lower = sum(d < 0 for d in r["paired"])
-            paired = f"{mean_std(r['paired'], 4)} ({lower}/{len(r['paired'])})"
+            paired = f"{mean_std(r['paired'], 4, signed=True)} ({lower}/{len(r['paired'])})"
         lines.append(f"| {r['arm']} | {r['runs']} | {mean_std(r['final_loss'], 4)} | "
                      f"{mean_std([math.exp(f) for f in r['final_loss']], 3)} | {mean_std(r['change'], 1, '%')} | "
                      f"{mean_std(r['ppl_change'], 1, '%')} | {format_speedups(r['speedup'], r['speedup_bound'])} | "
@@ -510,7 +512,7 @@ def size_table(rows, baseline):
     for (family, width, params), gains in size_groups(rows).items():
         test = paired_t(gains)
         lower = sum(g < 0 for g in gains)
-        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4)} ({lower}/{len(gains)})"
+        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} ({lower}/{len(gains)})"
                      f" | {' '.join(f'{g:+.3f}' for g in gains)} | " +
                      (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
     return "\n".join(lines)

@@ -1884,6 +1884,7 @@ def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys
     small, big = rows["nca", "32"], rows["nca", "64"]
     gains = [-0.02, -0.04, 0.03]
     assert small[1:4] == ["3", f"{np.mean(gains):.4f} ± {np.std(gains, ddof=1):.4f} (2/3)", "-0.020 -0.040 +0.030"]
+    assert study.mean_std([0.01, 0.03], 4, signed=True) == "+0.0200 ± 0.0141"  # a difference keeps its sign
     t, p = study.paired_t(gains)
     assert small[4:] == [f"{t:+.2f}", f"{p:.2f}"]
     assert big[2:4] == ["-0.0200 ± 0.0100 (3/3)", "-0.010 -0.020 -0.030"] and big[4] == "-3.46"
