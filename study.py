@@ -512,8 +512,8 @@ def size_table(rows, baseline):
     for (family, width, params), gains in size_groups(rows).items():
         test = paired_t(gains)
         lower = sum(g < 0 for g in gains)
-        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} ({lower}/{len(gains)})"
-                     f" | {' '.join(f'{g:+.3f}' for g in gains)} | " +
+        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} "
+                     f"({lower}/{len(gains)}) | {' '.join(f'{g:+.3f}' for g in gains)} | " +
                      (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
     return "\n".join(lines)
 

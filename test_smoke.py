@@ -2104,9 +2104,9 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
 def torchrun(*args, env=None):
     """`torchrun --standalone --nproc_per_node 2 ARGS`: 2 gloo processes, one thread each. A rank that crashes prints
     every thread's Python stack (faulthandler)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                          cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **(env or {})),
-                          capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
 
 
 def ranks_stderr(result):
