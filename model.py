@@ -296,6 +296,13 @@ def param_group(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to none of the groups {GROUPS}")
 
 
+def freeze_groups(model, groups):
+    """requires_grad=False for every parameter of the named groups (the optimizer then leaves them as they are)."""
+    for name, param in model.named_parameters():
+        if param_group(name) in groups:
+            param.requires_grad_(False)
+
+
 def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), log=print) -> GPT:
     """Build GPT(new_config) and copy in every tensor of state_dict whose group is not in reinit.
 
@@ -328,9 +335,7 @@ def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), lo
                                  f"but {tuple(param.shape)} in the new model; likely cause: "
                                  f"{safety.likely_cause(state_dict, new_config, reinit)}")
             param.copy_(state_dict[name])
-    for name, param in params.items():
-        if param_group(name) in freeze:
-            param.requires_grad_(False)
+    freeze_groups(model, freeze)
 
     def describe(groups):
         return ", ".join(f"{g} ({counts[g][0]} tensors, {counts[g][1]:,} params)" for g in groups if counts[g][0])

@@ -347,10 +347,14 @@ class NCAStream:
     num_rules=N the pool is the first N rules that pass, reused with fresh initial grids epoch after epoch, in a new
     order each epoch (the paper reused 16,000 rules for 10 epochs). y is x shifted by one; the first frame's targets are
     -1 (ignored by the loss): nothing to infer a rule from yet. held_out=True sets the top bit 2^31 of every seed, which
-    no training stream's seed has (for evaluation)."""
+    no training stream's seed has (for evaluation).
+
+    Several processes (torchrun) share one stream: process `rank` of `world` takes rule indices (or pool sequence
+    numbers) rank, rank + world, rank + 2 world, ... of the stream `seed`. So the ranks never draw the same fresh rule,
+    every rank's pool is the same N rules, and together the ranks use the rules one process would."""
 
     def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
-                 max_rejected=20_000, held_out=False):
+                 max_rejected=20_000, held_out=False, rank=0, world=1):
         cfg.validate()
         if seq_len < cfg.frame_len:
             raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame ({cfg.frame_len} "
@@ -361,11 +365,15 @@ class NCAStream:
                              f"a GPU), got {chunk}")
         self.device, self.chunk, self.max_rejected = torch.device(device), chunk or default_chunk(device), max_rejected
         self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} processes: need 0 <= rank < world")
         self.seed, self.held_out, self.num_rules = seed, held_out, num_rules
-        self.tried = self.accepted = self.next_rule = 0  # next_rule: the index of the next rule to simulate
+        self.tried = self.accepted = self.next_rule = 0  # next_rule: this rank's number of the next rule to simulate
         self.buffer = []    # accepted sequences not yet handed out (device tensors), so no simulated rule is wasted
-        self.numbers = []   # host ints, one per buffered sequence: its rule index, or its pool sequence number
+        self.numbers = []   # host ints, one per buffered sequence: its rule number, or its pool sequence number
+        self.share = (0, 1)  # (rank, world): the pool is the first N rules of the whole stream, the same on every rank
         self.pool = self.filter_rules(num_rules) if num_rules else None  # rule seeds (num_rules,) on the device
+        self.share = (rank, world)
         self.next_sequence, self.pool_order = 0, (None, None)  # pool: next sequence number; (epoch, its order)
 
     def seeds(self, stream, index):
@@ -391,10 +399,12 @@ class NCAStream:
         return keep
 
     def fresh_rules(self):
-        """Score the next chunk of rules. Returns the indices of the accepted ones (host ints, ascending), their rows in
-        the chunk (a device index tensor), the chunk's grid seeds and score_rules' outputs. The decision is made on the
-        host (gzip), so rows are picked by index_select, never a device mask (which waits for the GPU's row count)."""
-        index = torch.arange(self.next_rule, self.next_rule + self.chunk, device=self.device)
+        """Score the next chunk of this rank's rules. Returns the numbers of the accepted ones (host ints, ascending),
+        their rows in the chunk (a device index tensor), the chunk's grid seeds and score_rules' outputs. The decision
+        is made on the host (gzip), so rows are picked by index_select, never a device mask (which waits for the GPU's
+        row count). This rank's rule number j is rule index j * world + rank of the stream."""
+        rank, world = self.share
+        index = torch.arange(self.next_rule, self.next_rule + self.chunk, device=self.device) * world + rank
         grid_seeds = self.seeds(GRID_SEEDS, index)
         scored = score_rules(self.seeds(RULE_SEEDS, index), grid_seeds, self.cfg)
         keep = np.flatnonzero(self.count(scored[0]))
@@ -421,16 +431,18 @@ class NCAStream:
         return self.pool_order[1]
 
     def pool_sequences(self):
-        """The next pool sequences, up to a chunk and never past the epoch's end. Sequence number k is rule
-        order(k // N)[k % N] of the pool with the initial grid of seed stream_seeds(seed, POOL_GRIDS, k).
-        -> frames, their sequence numbers"""
+        """The next pool sequences of this rank, up to a chunk and never past the epoch's end. Sequence g of the stream
+        is rule order(g // N)[g % N] of the pool with the initial grid of seed stream_seeds(seed, POOL_GRIDS, g); this
+        rank's sequence number k is g = k * world + rank. -> frames, this rank's sequence numbers"""
         N, k = len(self.pool), self.next_sequence
-        epoch, pos = divmod(k, N)
-        places = self.epoch_order(epoch)[pos:pos + self.chunk]
-        numbers = torch.arange(k, k + len(places), device=self.device)
+        rank, world = self.share
+        stream_numbers = torch.arange(k, k + self.chunk) * world + rank           # on the host
+        epoch = int(stream_numbers[0]) // N
+        stream_numbers = stream_numbers[stream_numbers // N == epoch]             # never past the epoch's end
+        places = self.epoch_order(epoch)[stream_numbers % N]
         self.next_sequence += len(places)
         rules = sample_rules(self.pool.index_select(0, places.to(self.device)), self.cfg.num_colors)
-        grid_seeds = self.seeds(POOL_GRIDS, numbers)
+        grid_seeds = self.seeds(POOL_GRIDS, stream_numbers.to(self.device))
         frames = rollout(initial_grids(grid_seeds, self.cfg), rules, grid_seeds, 0, self.num_frames, self.cfg,
                          skip=self.cfg.burn_in)[0]
         return frames, list(range(k, k + len(places)))

@@ -26,7 +26,7 @@ if dist.is_available():
 
 import safety
 
-RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws data (and dropout) with seed + r * RANK_SEED_STRIDE
+RANK_SEED_STRIDE = 1000  # rank r of a torchrun job draws its dropout masks with seed + r * RANK_SEED_STRIDE
 
 
 @dataclass
@@ -58,13 +58,17 @@ class Dist:
         dist.broadcast_object_list(objects, src=0)
         return objects[0]
 
-    def mean(self, value):
-        """The mean of a float over the ranks: every rank sees the same loss, so a NaN stops them all."""
+    def sum(self, value):
+        """The sum over the ranks of a number, or of a tensor (in place, on its device: no wait for the GPU). Every
+        rank gets the same result, so a NaN loss stops them all."""
         if self.world == 1:
+            return value
+        if isinstance(value, torch.Tensor):
+            dist.all_reduce(value)
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(tensor)
-        return tensor.item() / self.world
+        return tensor.item()
 
 
 def setup_distributed(cfg):

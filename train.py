@@ -48,7 +48,7 @@ from runtime import RANK_SEED_STRIDE, Dist, Meter, Prefetch, rng_state, set_rng_
 from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, get_tokenizer, load_pairs, prepare_command,
                          prepared)
 from eval import probe
-from model import GPT, GROUPS, ModelConfig, transfer
+from model import GPT, GROUPS, ModelConfig, freeze_groups, transfer
 from safety import arg
 
 STAGES = ("prepretrain", "pretrain", "finetune")
@@ -80,9 +80,11 @@ class TrainConfig:
     pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
     pretrain_iters: int = arg(500, "iterations of stage 2")
     pretrain_lr: float = arg(2e-3, "peak learning rate of stage 2")
-    reinit: str = arg("auto", "groups re-initialised on transfer (embedding,head,attention,mlp,norm); auto: "
-                              "embedding,head after stage 1 (the paper) or on a new vocabulary")
-    freeze: str = arg("", "groups kept frozen after transfer (comma-separated, as --reinit)")
+    reinit: str = arg("auto", "groups re-initialised on the transfer into stage 2, or into the one stage --stage "
+                              "names (embedding,head,attention,mlp,norm); auto: embedding,head after stage 1 (the "
+                              "paper) or on a new vocabulary. Stage 3 of --stage all carries everything")
+    freeze: str = arg("", "groups kept frozen in stage 2, or in the one stage --stage names, whether it starts from a "
+                          "checkpoint or from scratch (comma-separated, as --reinit)")
     embed_init: str = arg("small", "a fresh embedding and head of the text stages: small (N(0, 0.02)) or torch "
                                    "(PyTorch's defaults, embedding N(0, 1): the authors' code, in both arms)")
     # stage 3: fine-tuning
@@ -134,7 +136,11 @@ def parse_args(argv=None, prog=None):
 
 class Data:
     """What the loop needs of a data source: get_batch("train"), the fixed validation batches (self.val), and the
-    state that --resume restores. Subclasses draw training batches with self.generator and build self.val once."""
+    state that --resume restores. Subclasses draw training batches with self.generator and build self.val once.
+    Under torchrun the ranks share one data stream: every rank draws the rows of all ranks (its generator seeded
+    alike) and keeps its own block (own_rows), so together they train on the rows one process would. The validation
+    set is eval_iters batches of --batch_size sequences whatever the number of processes: rank r of `world` keeps
+    rows r, r + world, ... of each (rank_rows), and estimate_loss sums over the ranks."""
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -149,15 +155,17 @@ class Data:
 class NCAData(Data):
     """Stage-1 batches streamed from nca.py; the validation set is a fixed set of held-out rules."""
 
-    def __init__(self, nca_cfg, cfg, batch_size, block_size, rank=0, shuffle=False):
+    def __init__(self, nca_cfg, cfg, batch_size, block_size, rank=0, world=1, shuffle=False):
         self.name, self.tokenizer, self.eot_token = "nca-shuffled" if shuffle else "nca", None, None
         self.nca_cfg, self.shuffle = nca_cfg, shuffle
         self.vocab_size = nca_cfg.vocab_size
-        self.stream = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed + RANK_SEED_STRIDE * rank,
-                                    device=cfg.device, num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk)
-        held_out = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
+        # one stream shared by the ranks: each takes every world-th rule (or pool sequence), the pool is the same
+        self.stream = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
+                                    num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk, rank=rank, world=world)
+        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                  chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
-        self.val = [self.shuffled(*held_out.next_batch()) for _ in range(cfg.eval_iters)]
+        val = [rank_rows(self.shuffled(*held_out.next_batch()), rank, world) for _ in range(cfg.eval_iters)]
+        self.val = [batch for batch in val if batch is not None]
         # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
         self.prefetch = Prefetch(lambda: (self.stream.state_dict(), self.shuffled(*self.stream.next_batch())),
                                  cfg.device) if cfg.nca_prefetch else None
@@ -192,48 +200,51 @@ class NCAData(Data):
 class TokenData(Data):
     """nanoGPT's memmapped uint16 corpus: random windows for training, fixed windows for validation."""
 
-    def __init__(self, name, cfg, batch_size, block_size, rank=0):
+    def __init__(self, name, cfg, batch_size, block_size, rank=0, world=1):
         self.data_dir, meta = prepared(cfg.data_dir, name, "tokens")
         self.name, self.tokenizer, self.eot_token = name, meta["tokenizer"], meta["eot_token"]
         self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, batch_size
-        self.device = cfg.device
-        self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
+        self.device, self.world, self.own_rows = cfg.device, world, slice(rank * batch_size, (rank + 1) * batch_size)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         for split in ("train", "val"):  # a bad id would crash the first forward (on CUDA: an assert)
             safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
                                     prepare_command(self.data_dir, name))
         fixed = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
-        self.val = [self.batch("val", fixed) for _ in range(cfg.eval_iters)]
+        val = [rank_rows(self.batch("val", fixed, cfg.batch_size), rank, world) for _ in range(cfg.eval_iters)]
+        self.val = [batch for batch in val if batch is not None]
 
-    def batch(self, split, generator):
+    def batch(self, split, generator, num_rows, keep=slice(None)):
+        """Windows at num_rows random starts, of which the rows `keep` are read."""
         # a new memmap per batch: nanoGPT's way to avoid numpy's memmap holding on to memory
         data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        starts = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=generator)
+        starts = torch.randint(len(data) - self.block_size - 1, (num_rows,), generator=generator)[keep]
         rows = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in starts])
         return to_device((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()), self.device)
 
     def get_batch(self, split):
-        return self.batch(split, self.generator)
+        return self.batch(split, self.generator, self.batch_size * self.world, self.own_rows)
 
 
 class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
-    def __init__(self, name, cfg, batch_size, block_size, tokenizer, rank=0):
+    def __init__(self, name, cfg, batch_size, block_size, tokenizer, rank=0, world=1):
         self.data_dir, meta = prepared(cfg.data_dir, name, "pairs")
         self.name, self.tokenizer, self.stop = name, tokenizer, meta["stop"]
         enc = get_tokenizer(tokenizer)
         self.vocab_size, self.eot_token = enc.n_vocab, enc.eot_token
         self.batch_size, self.block_size, self.device = batch_size, block_size, cfg.device
+        self.world, self.own_rows = world, slice(rank * batch_size, (rank + 1) * batch_size)
         self.pairs = {split: [(enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(r["completion"]))
                               for r in load_pairs(self.data_dir, split)] for split in ("train", "val")}
         longest = max(len(p) + len(c) for pairs in self.pairs.values() for p, c in pairs)
         if longest > block_size + 1:
             raise ValueError(f"{self.data_dir} has a prompt + completion of {longest} tokens; --block_size "
                              f"{block_size} must be at least {longest - 1}")
-        self.generator = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)
-        val = self.pairs["val"]
-        self.val = [self.collate(val[i:i + self.batch_size]) for i in
-                    range(0, min(len(val), cfg.eval_iters * self.batch_size), self.batch_size)]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        val = self.pairs["val"][:cfg.eval_iters * cfg.batch_size]  # this rank's share of each batch of --batch_size
+        self.val = [self.collate(val[i:i + cfg.batch_size][rank::world]) for i in range(0, len(val), cfg.batch_size)
+                    if len(val[i:i + cfg.batch_size]) > rank]
 
     def collate(self, pairs):
         """Pad to the longest pair with eot; targets are -1 on the prompt and the padding."""
@@ -248,16 +259,23 @@ class PairData(Data):
 
     def get_batch(self, split):
         pairs = self.pairs[split]
-        picks = torch.randint(len(pairs), (self.batch_size,), generator=self.generator)
+        picks = torch.randint(len(pairs), (self.batch_size * self.world,), generator=self.generator)[self.own_rows]
         return self.collate([pairs[i] for i in picks])
+
+
+def rank_rows(batch, rank, world):
+    """This rank's share of a validation batch: rows rank, rank + world, ... (None if that leaves no row)."""
+    x, y = batch
+    return (x[rank::world], y[rank::world]) if len(x) > rank else None
 
 
 def make_data(stage, cfg, nca_cfg, block_size, tokenizer, ddp):
     if stage == "prepretrain" and cfg.prepretrain_data in STREAMED:
-        return NCAData(nca_cfg, cfg, ddp.batch_size, block_size, ddp.rank, cfg.prepretrain_data == "nca-shuffled")
+        return NCAData(nca_cfg, cfg, ddp.batch_size, block_size, ddp.rank, ddp.world,
+                       shuffle=cfg.prepretrain_data == "nca-shuffled")
     if stage == "finetune":
-        return PairData(cfg.finetune_data, cfg, ddp.batch_size, block_size, tokenizer, ddp.rank)
-    return TokenData(getattr(cfg, f"{stage}_data"), cfg, ddp.batch_size, block_size, ddp.rank)
+        return PairData(cfg.finetune_data, cfg, ddp.batch_size, block_size, tokenizer, ddp.rank, ddp.world)
+    return TokenData(getattr(cfg, f"{stage}_data"), cfg, ddp.batch_size, block_size, ddp.rank, ddp.world)
 
 
 # -----------------------------------------------------------------------------
@@ -281,15 +299,19 @@ def lr_at(run, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, autocast):
-    """Mean loss over the fixed validation batches (the same ones every time, so curves are comparable)."""
+def estimate_loss(model, data, autocast, ddp=Dist()):
+    """The loss per target token over the fixed validation batches (the same ones every time, so curves are
+    comparable): every rank sums its share, the sums and counts are added across ranks, so the number does not depend
+    on the number of processes."""
     model.eval()
-    losses = []
+    loss_sum, targets = 0.0, 0
     for x, y in data.val:
         with autocast:
-            losses.append(model(x, y)[1].item())
+            loss = model(x, y)[1]  # the mean over the batch's targets
+        count = int((y != -1).sum())
+        loss_sum, targets = loss_sum + loss.item() * count, targets + count
     model.train()
-    return float(np.mean(losses))
+    return ddp.sum(loss_sum) / ddp.sum(targets)
 
 
 def probe_context(run, cfg):
@@ -309,13 +331,17 @@ def probe_context(run, cfg):
 def build_model(stage, cfg, model_cfg, data, init):
     """From scratch, or from a previous stage's checkpoint through the explicit transfer (model.transfer): the
     transformer carries over, the groups in --reinit (by default the embedding and the head, whose vocabulary
-    changes after NCA) start afresh. Built on the CPU; the caller moves it to the device."""
+    changes after NCA) start afresh, the groups in --freeze stay as they are. The two flags are for one stage: stage
+    2 under --stage all (stage 3 then carries and trains everything), or the one stage --stage names (with
+    --init_from, the same transfer by hand). Built on the CPU; the caller moves it to the device."""
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
+    flagged = stage == ("pretrain" if cfg.stage == "all" else cfg.stage)  # the stage --reinit and --freeze are for
+    frozen = [g for g in cfg.freeze.split(",") if g] if flagged else []
     if init is None:
         model, reinit = GPT(model_cfg), ["embedding", "head"]
         print(f"model: from scratch, {model.num_params():,} parameters")
     else:
-        if cfg.reinit == "auto":  # a new corpus after pre-pre-training (or a new vocabulary): new embedding and head
+        if cfg.reinit == "auto" or not flagged:  # a new corpus after stage 1 (or a new vocabulary): new embedding, head
             new_corpus = init["stage"] == "prepretrain" or init["model_args"]["vocab_size"] != data.vocab_size
             reinit = ["embedding", "head"] if new_corpus else []
         else:
@@ -325,11 +351,16 @@ def build_model(stage, cfg, model_cfg, data, init):
                              f"{data.name!r} uses {data.tokenizer!r}: add embedding,head to --reinit")
         print(f"model: {stage} starts from the {init['stage']} checkpoint ({init['data']['name']}, "
               f"{init['tokens_seen']:,} tokens)")
-        model = transfer(init["model"], model_cfg, reinit=reinit, freeze=cfg.freeze)
+        model = transfer(init["model"], model_cfg, reinit=reinit)
     if cfg.embed_init == "torch" and stage != "prepretrain":  # PyTorch's own init of a fresh embedding and head
         for group, module in (("embedding", model.embed_tokens), ("head", model.lm_head)):
             if group in reinit:
                 module.reset_parameters()
+    freeze_groups(model, frozen)
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"frozen: {', '.join(frozen)}; trainable: {', '.join(g for g in GROUPS if g not in frozen)} "
+              f"({trainable:,} parameters)")
     return model
 
 
@@ -403,10 +434,17 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     optimizer = model.configure_optimizers(cfg.weight_decay, base_lr, (cfg.beta1, cfg.beta2),
                                            torch.device(cfg.device).type)
     run = Stage(stage, model, optimizer, data, max_iters, base_lr, ckpt_path, log_path)
+    # mixed precision: autocast to cfg.dtype; float16 also scales the loss (GradScaler), whose scale is saved
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    device_type = torch.device(cfg.device).type
+    run.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    run.scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     if init is not None:
         run.prior_tokens = init["prior_tokens"] + init["tokens_seen"]
     if resume is not None:
         run.optimizer.load_state_dict(resume["optimizer"])  # moved to the parameters' device by torch
+        if resume.get("scaler"):  # float16's loss scale where it was (empty when it ran in another precision)
+            run.scaler.load_state_dict(resume["scaler"])
         rank_state = resume["rank_state"][ddp.rank]
         run.data.load_state_dict(rank_state["data"])
         set_rng_state(rank_state, cfg.device)
@@ -437,7 +475,8 @@ def save(run, cfg, nca_cfg, ddp):
         return
     data = run.data
     safety.save_checkpoint(run.ckpt_path, {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **settings(run, cfg, nca_cfg),
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        **settings(run, cfg, nca_cfg),
         "stage": run.name,
         "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                  "eot_token": data.eot_token},
@@ -449,7 +488,7 @@ def save(run, cfg, nca_cfg, ddp):
 def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
     """Validation loss on the fixed batches, one log record, then the checkpoint it describes. The record is written
     first: a kill between the two leaves a record past the checkpoint, which --resume drops and makes again."""
-    val_loss = ddp.mean(estimate_loss(run.model, run.data, run.autocast))
+    val_loss = estimate_loss(run.model, run.data, run.autocast, ddp)
     run.best_val_loss = min(run.best_val_loss, val_loss)
     print(f"iter {run.iter_num}: val loss {val_loss:.4f} (best {run.best_val_loss:.4f})", flush=True)
     if not math.isfinite(val_loss):
@@ -464,6 +503,34 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
         save(run, cfg, nca_cfg, ddp)
 
 
+def forward_backward(run, ddp):
+    """The gradients of one optimizer step: micro_steps micro-batches on every rank. The step's loss is the sum of
+    the losses of all its target tokens (every micro-batch of every rank) over their number, so each token counts
+    alike however the step is cut up or padded: each micro-batch's mean loss is weighted by its number of targets,
+    and the gradients are divided by the step's total once it is known. -> (loss, tokens, seconds waiting for data);
+    tokens: the positions trained on, every rank's, up to each row's last target (fine-tuning's padding left out)."""
+    full = ddp.batch_size * run.model.config.block_size  # the targets of a micro-batch with every position scored
+    totals, data_time = 0, 0.0  # on the device: the sums of (loss x targets, targets, tokens)
+    for micro_step in range(ddp.micro_steps):
+        t0 = time.time()
+        x, y = run.data.get_batch("train")
+        data_time += time.time() - t0
+        if run.ddp_model is not None:  # average the gradients across ranks only on the last micro-step
+            run.ddp_model.require_backward_grad_sync = micro_step == ddp.micro_steps - 1
+        with run.autocast:
+            _, loss = run.train_model(x, y)  # the mean over the micro-batch's targets
+        scored = y != -1
+        targets, tokens = scored.sum(), scored.flip(1).cumsum(1).gt(0).sum()
+        run.scaler.scale(loss * (targets / full)).backward()
+        totals = totals + torch.stack([loss.detach().double() * targets, targets.double(), tokens.double()])  # not .item(): no wait
+    totals = ddp.sum(totals)
+    for p in run.model.parameters():  # DDP averaged over the ranks: the gradients hold sum / (full * world)
+        if p.grad is not None:
+            p.grad.mul_(full * ddp.world / totals[1])
+    loss_x_targets, targets, tokens = totals.tolist()  # the one wait for the GPU in a step
+    return loss_x_targets / targets, int(tokens), data_time
+
+
 def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
     """Train one stage; returns its checkpoint path and what was measured (Meter.summary)."""
     stage_dir = os.path.join(cfg.out_dir, stage)
@@ -472,12 +539,9 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
         run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
         if run is None:
             return os.path.join(stage_dir, "ckpt.pt"), {}
-        # mixed precision; DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it
-        # can split the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass
+        # DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it can split the graph
+        # at DDP's gradient buckets and the all-reduce overlaps the backward pass
         device_type = torch.device(cfg.device).type
-        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-        run.autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-        run.scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
         run.train_model = run.model
         if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
             run.train_model = run.ddp_model = DistributedDataParallel(
@@ -497,23 +561,10 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
                     save(run, cfg, nca_cfg, ddp)
                     raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
                                      f"{run.ckpt_path}; continue with the same command and --resume")
-                # one optimizer step: micro_steps micro-batches (gradients summed), clip, AdamW
                 t_step, lr = time.time(), lr_at(run, cfg)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                data_time, tokens, loss_sum = 0.0, 0, 0.0
-                for micro_step in range(ddp.micro_steps):
-                    t0 = time.time()
-                    x, y = run.data.get_batch("train")
-                    data_time += time.time() - t0
-                    if run.ddp_model is not None:  # average the gradients across ranks only on the last micro-step
-                        run.ddp_model.require_backward_grad_sync = micro_step == ddp.micro_steps - 1
-                    with run.autocast:
-                        _, loss = run.train_model(x, y)
-                    run.scaler.scale(loss / ddp.micro_steps).backward()
-                    loss_sum += loss.detach()  # not .item(): that would make the CPU wait for the GPU every time
-                    tokens += x.numel() * ddp.world  # fine-tuning batches vary in length
-                loss = ddp.mean(float(loss_sum) / ddp.micro_steps)  # the one wait for the GPU in a step
+                loss, tokens, data_time = forward_backward(run, ddp)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"{stage}: training loss is {loss} at iteration {run.iter_num}; stopping "
                                        f"without saving. {safety.kept_checkpoint(run.ckpt_path)}; try a lower "
