@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import nca
-from data.common import (DATA_DIR, ArgumentParser, Progress, check_prepared, extract_answer, get_tokenizer, load_meta,
-                         load_pairs)
+from data.common import (DATA_DIR, ArgumentParser, Progress, check_prepared, check_task, extract_answer,
+                         get_tokenizer, load_pairs)
 from model import GPT, ModelConfig
 import safety
 from plots import loss_profile, plot_icl, plot_probe
@@ -409,7 +409,7 @@ def run_passk(args):
     if task is None:
         raise ValueError(f"--task: {args.ckpt} is a {ckpt['stage']} checkpoint; name the task, e.g. --task arith")
     data_dir = args.data_dir or os.path.join(DATA_DIR, task)
-    stop = load_meta(data_dir, task)["stop"]
+    stop = check_task(data_dir, task)["stop"]
     records = load_pairs(data_dir, args.split, task)[:args.max_problems]
     enc = get_tokenizer(tokenizer)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

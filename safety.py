@@ -30,7 +30,7 @@ from dataclasses import asdict, field, fields
 import numpy as np
 import torch
 
-from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, load_meta, load_pairs
+from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, load_pairs
 
 # -----------------------------------------------------------------------------
 # flags: a dataclass field per flag, with its help
@@ -206,7 +206,8 @@ def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
 
 
 def validate_data(stage, cfg, model_cfg, nca_cfg):
-    """The stage's dataset exists and looks whole (the offline ones are made on first use)."""
+    """The stage's dataset exists, looks whole and its meta.json's fields are of the right type and range (the offline
+    ones are made on first use, and made again when they fail these checks)."""
     if not os.path.isdir(cfg.data_dir):
         raise ValueError(f"--data_dir {cfg.data_dir}: no such folder (the default is this repository's data/)")
     name = getattr(cfg, f"{stage}_data")
@@ -224,7 +225,7 @@ def validate_data(stage, cfg, model_cfg, nca_cfg):
         raise ValueError(f"--{stage}_data {name!r}: there is no {data_dir}; datasets there or made offline: "
                          f"{', '.join(known)} (the web corpora: python -m data.hf.prepare --dataset NAME)")
     if stage == "finetune":  # missing or broken files: say so now, not hours later
-        load_meta(data_dir, name)
+        check_task(data_dir, name)
         for split in ("train", "val"):
             load_pairs(data_dir, split, name)
     else:
@@ -460,14 +461,15 @@ def split_batch(cfg, world):
 
 
 def stage_vocab(stage, cfg, nca_cfg):
-    """The vocabulary a stage will train on, from its metadata alone (an offline dataset not yet made: 257 bytes)."""
+    """The vocabulary a stage will train on, from its metadata alone (an offline dataset not yet made, or to be made
+    again: 257 bytes)."""
     name = getattr(cfg, f"{stage}_data")
     if stage == "prepretrain" and name in STREAMED:
         return nca_cfg.vocab_size
     data_dir = os.path.join(cfg.data_dir, cfg.pretrain_data if stage == "finetune" else name)
     try:
-        return load_meta(data_dir)["vocab_size"]
-    except (FileNotFoundError, ValueError, KeyError):
+        return check_prepared(data_dir)["vocab_size"]
+    except (FileNotFoundError, ValueError):
         return 257
 
 

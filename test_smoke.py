@@ -2466,3 +2466,146 @@ def test_study_sh_documents_exactly_the_arms_it_runs():
     runnable = {arm for labels in re.findall(r"^    ([a-z][a-z0-9|-]*)\)", body, re.M) for arm in labels.split("|")}
     assert documented == runnable, (documented - runnable, runnable - documented)
     assert {"scratch", "nca", "nca-band-mid", "dyck-w256"} <= runnable
+
+
+# --- prepared data: all or nothing (issue "nothing mixed")
+
+KILLED_PREPARE = """
+import os, signal, sys
+import data.common as common
+write_split, name, kill_at, when = common.write_split, *sys.argv[1:4]
+
+def write_split_then_die(path, ids):  # SIGKILL: no except or finally block runs, as when the power goes
+    if os.path.basename(path) != kill_at:
+        return write_split(path, ids)
+    if when == "mid-write":  # while the file is still a temporary one
+        common._atomic_write(path, lambda f: (f.write(b"ab"), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+common.write_split = write_split_then_die
+__import__(f"data.{name}.prepare", fromlist=["main"]).main(sys.argv[4:])
+"""
+
+
+def run_killed_prepare(name, kill_at, when, flags):
+    """Run python -m data.<name>.prepare with flags, SIGKILLed before (or in the middle of) writing kill_at."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_PREPARE, name, kill_at, when, *flags], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return killed
+
+
+def refusal(argv, capsys):
+    """train.py's one-line refusal (stderr) of argv, given before any stage runs."""
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_prepare_killed_after_train_bin_is_in_place_leaves_a_folder_train_py_refuses(tmp_path, capsys):
+    from data.stdlib.prepare import main
+
+    data_dir, folder = tmp_path / "data", tmp_path / "data" / "source"  # not an offline name: refused, not remade
+    main(["--max_bytes", "200000", "--seed", "1", "--out_dir", str(folder)])
+    old_train = (folder / "train.bin").read_bytes()
+    flags = ["--max_bytes", "200000", "--seed", "2", "--out_dir", str(folder)]
+    run_killed_prepare("stdlib", "val.bin", "before", flags)
+    assert (folder / "train.bin").read_bytes() != old_train  # the new train.bin beside the old val.bin
+    remake = f"run: python -m data.stdlib.prepare --max_bytes 200000 --seed 2 --out_dir {folder}"
+    with pytest.raises(ValueError, match=f"has not finished.*{re.escape(remake)}$"):
+        check_prepared(str(folder))
+    err = refusal(TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--stage", "pretrain",
+                              "--pretrain_data", "source"], capsys)
+    assert "source/meta.json" in err and remake in err
+    # an offline dataset stopped the same way is made again on first use, once
+    run_killed_prepare("random", "val.bin", "before", ["--num_tokens", "20000", "--out_dir", str(data_dir / "random")])
+    meta = common.prepared(str(data_dir), "random", "tokens")[1]
+    assert capsys.readouterr().out.count("preparing ") == 1 and meta["prepare"] == "python -m data.random.prepare"
+
+
+def test_two_prepares_into_one_folder_at_once_take_turns_and_never_mix(tmp_path, monkeypatch):
+    from data.stdlib.prepare import main
+
+    def flags(seed, out_dir):
+        return ["--max_bytes", "200000", "--seed", str(seed), "--out_dir", str(out_dir)]
+
+    for seed in (1, 2):  # what each makes alone
+        main(flags(seed, tmp_path / f"alone{seed}"))
+    folder, write_split, second = tmp_path / "source", common.write_split, []
+
+    def start_the_second_once_train_bin_is_written(path, ids):
+        write_split(path, ids)
+        if path.endswith("train.bin") and not second:
+            second.append(subprocess.Popen([sys.executable, "-m", "data.stdlib.prepare", *flags(2, folder)],
+                                           cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True))
+            for line in second[0].stdout:  # until it has finished, or says it waits for this one
+                if line.startswith("waiting for another prepare"):
+                    break
+
+    monkeypatch.setattr(common, "write_split", start_the_second_once_train_bin_is_written)
+    main(flags(1, folder))
+    second[0].communicate(timeout=300)
+    assert second[0].returncode == 0
+    meta = check_prepared(str(folder))  # one run's files, whole, and its meta.json: the second's, which ended last
+    assert meta["seed"] == 2 and meta == check_prepared(str(tmp_path / "alone2"))
+    for name in ("train.bin", "val.bin"):
+        assert (folder / name).read_bytes() == (tmp_path / "alone2" / name).read_bytes()
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_a_killed_dyck_prepare_names_its_own_command_and_leaves_no_temporary_file(tmp_path):
+    folder = tmp_path / "brackets"  # a name no prepare script has
+    flags = ["--num_tokens", "30000", "--max_depth", "5", "--out_dir", str(folder)]
+    run_killed_prepare("dyck", "train.bin", "mid-write", flags)
+    assert list(folder.glob("train.bin.*.tmp"))
+    with pytest.raises((FileNotFoundError, ValueError),
+                       match=f"run: python -m data.dyck.prepare --num_tokens 30000 --max_depth 5 --out_dir {folder}$"):
+        check_prepared(str(folder))
+    subprocess.run([sys.executable, "-m", "data.dyck.prepare", *flags], cwd=REPO_ROOT, check=True, capture_output=True)
+    assert sorted(os.listdir(folder)) == [".prepare.lock", "meta.json", "train.bin", "val.bin"]
+    assert check_prepared(str(folder))["prepare"] == "python -m data.dyck.prepare --num_tokens 30000 --max_depth 5"
+    # the command is printed for a user to paste, so one that is not a prepare script's, quoted, is not used
+    for planted in ("rm -rf ~", "python -m data.dyck.prepare $(touch x)", "python -m data.dyck.prepare; touch x"):
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "prepare": planted}))
+        assert prepare_command(str(folder)).startswith("python -m data.hf.prepare --from_file YOUR_FILE.jsonl")
+
+
+def test_meta_json_fields_of_the_wrong_type_or_range_are_refused_naming_the_file(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    save_token_dataset(str(data_dir / "corpus"), get_tokenizer("bytes"), np.arange(2000) % 257, np.arange(500) % 257)
+    common.save_pairs_dataset(str(data_dir / "task"), {s: [{"prompt": "1+1=", "completion": "2\n"}] * 4
+                                                       for s in ("train", "val")}, task="task", stop="\n")
+    flags = TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--pretrain_data", "corpus"]
+    train.parse_args(flags + ["--stage", "pretrain"])
+    train.parse_args(flags + ["--stage", "finetune", "--finetune_data", "task"])
+    capsys.readouterr()
+    path = data_dir / "corpus" / "meta.json"
+    good = json.loads(path.read_text())
+    for key, value in (("vocab_size", "257"), ("vocab_size", 257.5), ("vocab_size", 10**10), ("vocab_size", True),
+                       ("eot_token", 99999), ("eot_token", "x"), ("eot_token", -1), ("tokenizer", "nope")):
+        path.write_text(json.dumps({**good, key: value}))
+        err = refusal(flags + ["--stage", "pretrain"], capsys)
+        assert f"corpus/meta.json: {key} must be " in err and "python -m data.hf.prepare" in err, err
+    path.write_text(json.dumps(good))
+    task_meta = data_dir / "task" / "meta.json"
+    task_meta.write_text(json.dumps({k: v for k, v in json.loads(task_meta.read_text()).items() if k != "stop"}))
+    err = refusal(flags + ["--stage", "finetune", "--finetune_data", "task"], capsys)
+    assert "task/meta.json lacks 'stop'" in err, err
+    with pytest.raises(ValueError, match="task/meta.json: stop must be a non-empty string"):
+        task_meta.write_text(json.dumps({"task": "task", "stop": ""}))
+        common.check_task(str(data_dir / "task"))
+
+
+def test_a_pairs_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    save_token_dataset(str(data_dir / "corpus"), get_tokenizer("bytes"), np.arange(2000) % 257, np.arange(500) % 257)
+    common.save_pairs_dataset(str(data_dir / "task"), {s: [{"prompt": "1+1=", "completion": "2\n"}] * 4
+                                                       for s in ("train", "val")}, task="task", stop="\n")
+    with open(data_dir / "task" / "train.jsonl", "ab") as f:
+        f.write(b'{"prompt": "caf\xe9 = ", "completion": "1\\n"}\n')  # Latin-1, not UTF-8
+    err = refusal(TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--pretrain_data",
+                              "corpus", "--stage", "finetune", "--finetune_data", "task"], capsys)
+    assert "task/train.jsonl, line 5: not UTF-8 text (byte 0xe9 at column 16)" in err, err

@@ -10,17 +10,26 @@ Fine-tuning datasets (stage 3) are text, tokenised later with the model's own to
 Metadata is JSON, so a downloaded data folder cannot run code (nanoGPT's meta.pkl could: unpickling calls
 whatever the file names). An old meta.pkl is converted on first use by a reader that builds plain values only.
 
+A prepare is all or nothing (see preparing): meta.json is written last and records the command that made the folder
+("prepare") and, for token datasets, the size and a digest of train.bin and val.bin ("files"), which the loaders
+check; a prepare stopped half-way leaves a folder they refuse, and two prepares into one folder take turns.
+
 Scripts are run as modules from the repository root, e.g. `python -m data.stdlib.prepare`.
 """
 
 import argparse
+import fcntl
+import hashlib
 import io
 import json
 import os
 import pickle
+import re
+import shlex
 import tempfile
 import time
 from collections.abc import Sized
+from contextlib import contextmanager
 
 import numpy as np
 import tiktoken
@@ -59,11 +68,22 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(str(e))
 
 
+class PrepareParser(ArgumentParser):
+    """The flags of a prepare script. command(args) is the command line that makes the same data again, which
+    meta.json records: the flags that differ from their defaults, --out_dir left out (the loaders add the folder
+    they were given, wherever it has been moved to)."""
+
+    def command(self, args):
+        flags = [word for key, value in vars(args).items() if key != "out_dir" and value != self.get_default(key)
+                 for word in (f"--{key}", str(value))]
+        return shlex.join(self.prog.split() + flags)
+
+
 def prepare_parser(script, doc):
     """The flag parser of data/<name>/prepare.py (script: its __file__), named by the command that runs it."""
     name = os.path.basename(os.path.dirname(os.path.abspath(script)))
-    return ArgumentParser(prog=f"python -m data.{name}.prepare", description=doc,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return PrepareParser(prog=f"python -m data.{name}.prepare", description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def check_out_dir(out_dir, holds):
@@ -240,39 +260,102 @@ def write_split(path, ids):
 
 
 def write_meta(out_dir, **fields):
-    """Write fields as a JSON object to out_dir/meta.json. Token datasets go through save_token_dataset."""
+    """Write fields as a JSON object to out_dir/meta.json. Datasets go through save_token_dataset/save_pairs_dataset."""
     _atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(fields, f, indent=1), mode="w")
 
 
-def save_token_dataset(out_dir, enc, train_ids, val_ids, **fields):
-    """Write train.bin, val.bin and meta.pkl (vocab_size, tokenizer, eot_token, then fields) and print sizes."""
+PREPARE_LOCK = ".prepare.lock"  # held by the prepare writing the folder
+DATA_FILES = ("train.bin", "val.bin", "train.jsonl", "val.jsonl", "test.jsonl", "meta.json")
+UNFINISHED = "a prepare began writing this folder and has not finished: it was stopped, or is still running"
+DIGEST_SPAN = 2**20  # bytes digested at each end of a data file
+
+
+@contextmanager
+def preparing(out_dir, command):
+    """
+    Write a dataset folder all or nothing: the body of the with-block writes the data files, then meta.json.
+    - out_dir/.prepare.lock is held throughout, so two prepares into one folder take turns (the second says it
+      waits, then writes the whole folder again) and never mix their files.
+    - First, meta.json becomes a note that a prepare is under way (with the command, for the loaders' messages):
+      a prepare stopped before it writes the final meta.json leaves a folder the loaders refuse, naming the command.
+    - The temporary files a stopped prepare left behind are removed (no other prepare is writing now).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        path = os.path.join(out_dir, f"{split}.bin")
-        write_split(path, ids)
-        print(f"wrote {path}: {len(ids):,} tokens ({os.path.getsize(path) / 1e6:.1f} MB)")
-    write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer=enc.name, eot_token=enc.eot_token, **fields)
+    with open(os.path.join(out_dir, PREPARE_LOCK), "a+") as lock:  # closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            print(f"waiting for another prepare into {out_dir} to finish ({lock.read().strip() or 'unknown'})",
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}: {command or 'a prepare'}\n")
+        lock.flush()
+        for name in os.listdir(out_dir):
+            if name.endswith(".tmp") and name.startswith(tuple(f + "." for f in DATA_FILES)):
+                os.remove(os.path.join(out_dir, name))
+        write_meta(out_dir, prepare=command, unfinished=UNFINISHED)
+        yield
+
+
+def file_record(path):
+    """What meta.json records of a data file: its size, and a blake2b digest of its first and last MiB (of the whole
+    file when it is smaller than 2 MiB). That tells one prepare's file from another's at a cost that does not grow
+    with the corpus (a web corpus is GBs, and every run checks it); it is no check against a byte changed mid-file."""
+    size = os.path.getsize(path)
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= 2 * DIGEST_SPAN:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(DIGEST_SPAN))
+            f.seek(size - DIGEST_SPAN)
+            digest.update(f.read())
+    return {"bytes": size, "blake2b_first_last_mib": digest.hexdigest()}
+
+
+def save_token_dataset(out_dir, enc, train_ids, val_ids, command=None, **fields):
+    """Write train.bin and val.bin, then meta.json (vocab_size, tokenizer, eot_token, fields, the command that made
+    the folder and file_record of each file), all or nothing (see preparing), and print sizes."""
+    with preparing(out_dir, command):
+        for split, ids in (("train", train_ids), ("val", val_ids)):
+            path = os.path.join(out_dir, f"{split}.bin")
+            write_split(path, ids)
+            print(f"wrote {path}: {len(ids):,} tokens ({os.path.getsize(path) / 1e6:.1f} MB)")
+        files = {name: file_record(os.path.join(out_dir, name)) for name in ("train.bin", "val.bin")}
+        write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer=enc.name, eot_token=enc.eot_token, **fields,
+                   prepare=command, files=files)
     print(f"wrote {os.path.join(out_dir, 'meta.json')}: vocab_size {enc.n_vocab}, tokenizer {enc.name}")
 
 
-def save_pairs_dataset(out_dir, splits, task, stop, **fields):
-    """Write {split}.jsonl for each list of records in splits, and meta.pkl (task, stop, num_<split>, fields)."""
-    os.makedirs(out_dir, exist_ok=True)
-    for split, records in splits.items():
-        path = os.path.join(out_dir, f"{split}.jsonl")
-        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        _atomic_write(path, lambda f: f.write(lines), mode="w")
-        print(f"wrote {path}: {len(records):,} records")
-    counts = {f"num_{split}": len(records) for split, records in splits.items()}
-    write_meta(out_dir, task=task, stop=stop, **counts, **fields)
+def save_pairs_dataset(out_dir, splits, task, stop, command=None, **fields):
+    """Write {split}.jsonl for each list of records in splits, then meta.json (task, stop, num_<split>, fields, the
+    command), all or nothing (see preparing). The records are text one may edit by hand, and every one is checked
+    when it is loaded, so meta.json records no digest of them."""
+    with preparing(out_dir, command):
+        for split, records in splits.items():
+            path = os.path.join(out_dir, f"{split}.jsonl")
+            lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            _atomic_write(path, lambda f: f.write(lines), mode="w")
+            print(f"wrote {path}: {len(records):,} records")
+        counts = {f"num_{split}": len(records) for split, records in splits.items()}
+        write_meta(out_dir, task=task, stop=stop, **counts, **fields, prepare=command)
     print(f"wrote {os.path.join(out_dir, 'meta.json')}: task {task}, stop {stop!r}")
 
 
 def read_jsonl(path):
-    """The JSON objects of a .jsonl file, one per non-blank line; a bad line is named by file and line number."""
+    """The JSON objects of a .jsonl file, one per non-blank line; a bad line (not UTF-8, not JSON) is named by file
+    and line number."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -287,17 +370,40 @@ def read_jsonl(path):
 
 
 def prepare_command(data_dir, name=None):
-    """The command that (re)creates data_dir, e.g. 'python -m data.stdlib.prepare'. name defaults to the folder's."""
+    """The command that (re)makes data_dir: the one its meta.json records (see recorded_command), else the script
+    the folder's name points to, e.g. 'python -m data.stdlib.prepare'; with --out_dir unless data_dir is where that
+    command writes anyway. name (of the dataset) defaults to the folder's."""
     name = name or os.path.basename(os.path.normpath(data_dir))
-    if name in HF_CORPORA:  # the web corpora share one script
-        command = f"python -m data.hf.prepare --dataset {name}"
-    elif os.path.exists(os.path.join(DATA_DIR, name, "prepare.py")):
-        command = f"python -m data.{name}.prepare"
-    else:  # a corpus of your own: from a local file
-        return f"python -m data.hf.prepare --from_file YOUR_FILE.jsonl --out_dir {data_dir}"
-    if os.path.abspath(data_dir) != os.path.join(DATA_DIR, name):
-        command += f" --out_dir {data_dir}"
-    return command
+    words = recorded_command(data_dir)
+    if words is None and name in HF_CORPORA:  # the web corpora share one script
+        words = ["python", "-m", "data.hf.prepare", "--dataset", name]
+    elif words is None and os.path.exists(os.path.join(DATA_DIR, name, "prepare.py")):
+        words = ["python", "-m", f"data.{name}.prepare"]
+    elif words is None:  # a corpus of your own: from a local file
+        return f"python -m data.hf.prepare --from_file YOUR_FILE.jsonl --out_dir {shlex.quote(data_dir)}"
+    script = words[2].split(".")[1]  # python -m data.<script>.prepare ...
+    dataset = words[words.index("--dataset") + 1] if "--dataset" in words[3:-1] else None
+    default_dir = os.path.join(DATA_DIR, dataset if script == "hf" and dataset else script)
+    if os.path.abspath(data_dir) != default_dir:
+        words = words + ["--out_dir", data_dir]
+    return shlex.join(words)
+
+
+def recorded_command(data_dir):
+    """The words of the command data_dir/meta.json records as its maker ("prepare"), if that is one of this
+    repository's prepare scripts written as shlex.join writes it, else None. The command is printed, never run, and
+    so checked: a folder from elsewhere must not choose what a user pastes into a shell."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            command = json.load(f).get("prepare")
+        words = shlex.split(command) if isinstance(command, str) else []
+    except (OSError, ValueError, AttributeError):
+        return None
+    script = re.fullmatch(r"data\.(\w+)\.prepare", words[2]) if words[:2] == ["python", "-m"] and len(words) > 2 \
+        else None
+    if script and os.path.exists(os.path.join(DATA_DIR, script[1], "prepare.py")) and shlex.join(words) == command:
+        return words
+    return None
 
 
 class PlainValues(pickle.Unpickler):
@@ -309,7 +415,8 @@ class PlainValues(pickle.Unpickler):
 
 
 def load_meta(data_dir, name=None):
-    """data_dir/meta.json as a dict. A folder with only nanoGPT's meta.pkl gets a meta.json made from it first."""
+    """data_dir/meta.json as a dict. A folder with only nanoGPT's meta.pkl gets a meta.json made from it first; one
+    that a prepare is writing, or was stopped while writing, is refused."""
     path, old = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "meta.pkl")
     if not os.path.exists(path) and os.path.exists(old):
         try:
@@ -331,22 +438,76 @@ def load_meta(data_dir, name=None):
         raise ValueError(f"{path} is unreadable ({e}); run: {prepare_command(data_dir, name)}") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{path} holds no JSON object; run: {prepare_command(data_dir, name)}")
+    if "unfinished" in meta:
+        raise ValueError(f"{path}: {UNFINISHED}; once no prepare is running, run: {prepare_command(data_dir, name)}")
     return meta
 
 
+def check_field(meta, key, want, ok, path, remake):
+    """Raise ValueError, naming the file, unless meta has key and ok(its value); want says what ok accepts."""
+    if key not in meta:
+        raise ValueError(f"{path} lacks {key!r} ({want}); run: {remake}")
+    if not ok(meta[key]):
+        raise ValueError(f"{path}: {key} must be {want}, got {meta[key]!r}; remake the folder: {remake}")
+
+
+def whole_number(value, least, most):
+    """value is an int (not a bool, not a float or a string) from least to most."""
+    return type(value) is int and least <= value <= most
+
+
 def check_prepared(data_dir, name=None):
-    """Check that train.bin, val.bin and meta.pkl exist and look whole; return the meta dict."""
+    """A token dataset (stages 1 and 2) train.py can use, or a ValueError/FileNotFoundError naming the file and the
+    command that remakes it: train.bin and val.bin whole, meta.json's fields of the right type and range, and both
+    files the ones meta.json records (see check_files). Returns the meta dict."""
+    remake = prepare_command(data_dir, name)
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing; run: {prepare_command(data_dir, name)}")
+            raise FileNotFoundError(f"{path} is missing; run: {remake}")
         size = os.path.getsize(path)
         if size == 0 or size % 2:
-            raise ValueError(f"{path} is truncated ({size} bytes); run: {prepare_command(data_dir, name)}")
-    meta = load_meta(data_dir, name)
-    missing = {"vocab_size", "tokenizer", "eot_token"} - meta.keys()
-    if missing:
-        raise ValueError(f"{data_dir}/meta.json lacks {sorted(missing)}; run: {prepare_command(data_dir, name)}")
+            raise ValueError(f"{path} is truncated ({size} bytes); run: {remake}")
+    meta, path = load_meta(data_dir, name), os.path.join(data_dir, "meta.json")
+    check_field(meta, "vocab_size", f"a whole number from 1 to {UINT16_LIMIT} (ids are uint16)",
+                lambda v: whole_number(v, 1, UINT16_LIMIT), path, remake)
+    check_field(meta, "eot_token", f"a token id, a whole number from 0 to vocab_size - 1 = {meta['vocab_size'] - 1}",
+                lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
+    check_field(meta, "tokenizer", f"one of {', '.join(TOKENIZERS)}", lambda v: v in TOKENIZERS, path, remake)
+    check_files(meta, data_dir, ("train.bin", "val.bin"), remake)
+    return meta
+
+
+UNRECORDED = set()  # folders already noted as having a meta.json that records no files
+
+
+def check_files(meta, data_dir, names, remake):
+    """Each of the named data files must be the one meta.json records (file_record: size and digest); a mismatch
+    means the folder mixes files of two prepares, or was changed since. A meta.json that records no files (made by
+    hand, by nanoGPT, or before prepares recorded them) is taken as it is, with a note."""
+    path, files = os.path.join(data_dir, "meta.json"), meta.get("files")
+    if files is None:
+        if os.path.abspath(data_dir) not in UNRECORDED:
+            UNRECORDED.add(os.path.abspath(data_dir))
+            print(f"note: {path} records no sizes or digests of {' and '.join(names)}, so they are used as they are "
+                  f"({remake} records them)")
+        return
+    if not isinstance(files, dict):
+        raise ValueError(f"{path}: files must be a JSON object, got {files!r}; remake the folder: {remake}")
+    for name in names:
+        if files.get(name) != file_record(os.path.join(data_dir, name)):
+            raise ValueError(f"{os.path.join(data_dir, name)} is not the file {path} records (its size or digest "
+                             f"differs): the folder mixes two prepares, or was changed since; remake it: {remake}")
+
+
+def check_task(data_dir, name=None):
+    """A fine-tuning task's meta.json (stage 3) as a dict, its fields checked: task a string, stop (where generation
+    stops) a non-empty string; else a ValueError naming the file."""
+    meta, remake = load_meta(data_dir, name), prepare_command(data_dir, name)
+    path = os.path.join(data_dir, "meta.json")
+    check_field(meta, "task", "a string", lambda v: isinstance(v, str), path, remake)
+    check_field(meta, "stop", "a non-empty string (where generation stops)", lambda v: isinstance(v, str) and v,
+                path, remake)
     return meta
 
 
@@ -377,7 +538,7 @@ def extract_answer(completion, stop):
 def prepared(root, name, kind):
     """(root/<name>, its metadata), checked (kind: "tokens" or "pairs"); the offline datasets are made on first use."""
     data_dir = os.path.join(root, name)
-    check = check_prepared if kind == "tokens" else load_meta
+    check = check_prepared if kind == "tokens" else check_task
     try:
         return data_dir, check(data_dir, name)
     except (FileNotFoundError, ValueError):

@@ -47,7 +47,8 @@ def main(argv=None):
     for split, size in sizes.items():
         splits[split] = records[start:start + size]
         start += size
-    save_pairs_dataset(args.out_dir, splits, task="arith", stop=STOP, max_operand=args.max_operand, seed=args.seed)
+    save_pairs_dataset(args.out_dir, splits, command=parser.command(args), task="arith", stop=STOP,
+                       max_operand=args.max_operand, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def main(argv=None):
                                                 max_tokens=args.num_tokens)
     except ValueError as e:  # too few tokens for two sequences
         parser.error(f"{e}; give a larger --num_tokens (now {args.num_tokens})")
-    save_token_dataset(args.out_dir, enc, train_ids, val_ids, num_types=args.num_types, max_depth=args.max_depth,
-                       max_length=args.max_length, seed=args.seed)
+    save_token_dataset(args.out_dir, enc, train_ids, val_ids, parser.command(args), num_types=args.num_types,
+                       max_depth=args.max_depth, max_length=args.max_length, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main(argv=None):
         "val": [make_record(row) for row, v in zip(train_rows, is_val) if v],
         "test": [make_record(row) for row in test_rows],
     }
-    save_pairs_dataset(args.out_dir, splits, task="gsm8k", stop=STOP, seed=args.seed,
+    save_pairs_dataset(args.out_dir, splits, command=parser.command(args), task="gsm8k", stop=STOP, seed=args.seed,
                        source=args.from_file or "openai/gsm8k main")
 
 

@@ -70,7 +70,7 @@ def main(argv=None):
         train_ids, val_ids = tokenize_documents(documents, enc, args.val_fraction, args.seed, args.max_tokens)
     except ValueError as e:  # too few documents for train and val
         parser.error(f"{e}; give more of them (--from_file, --max_docs, --max_tokens)")
-    save_token_dataset(out_dir, enc, train_ids, val_ids, dataset=args.dataset,
+    save_token_dataset(out_dir, enc, train_ids, val_ids, parser.command(args), dataset=args.dataset,
                        source=args.from_file or CORPORA[args.dataset][0], val_fraction=args.val_fraction, seed=args.seed)
 
 

@@ -46,7 +46,7 @@ def main(argv=None):
 
     enc = get_tokenizer("bytes")
     docs = random_documents(num_documents, args.doc_length, enc.eot_token, np.random.default_rng(args.seed))
-    save_token_dataset(args.out_dir, enc, docs[~is_val].ravel(), docs[is_val].ravel(),
+    save_token_dataset(args.out_dir, enc, docs[~is_val].ravel(), docs[is_val].ravel(), parser.command(args),
                        doc_length=args.doc_length, seed=args.seed)
 
 

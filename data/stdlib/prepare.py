@@ -61,8 +61,9 @@ def main(argv=None):
     enc = get_tokenizer(args.tokenizer)
     documents = [read_text(p) for p in paths]
     train_ids, val_ids = tokenize_documents(documents, enc, args.val_fraction, args.seed)
-    save_token_dataset(args.out_dir, enc, train_ids, val_ids, num_files=len(paths), num_bytes=num_bytes,
-                       python_version=sys.version.split()[0], val_fraction=args.val_fraction, seed=args.seed)
+    save_token_dataset(args.out_dir, enc, train_ids, val_ids, parser.command(args), num_files=len(paths),
+                       num_bytes=num_bytes, python_version=sys.version.split()[0], val_fraction=args.val_fraction,
+                       seed=args.seed)
 
 
 if __name__ == "__main__":
