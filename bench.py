@@ -30,6 +30,7 @@ import torch
 import nca
 import safety
 import train
+from model import GPT, ModelConfig
 from runtime import setup_distributed
 from data.common import ArgumentParser, read_jsonl
 
@@ -234,6 +235,8 @@ def gpu_check(device, out_dir, data_dir):
     checks.run("eval.py passk (generation with the KV cache)",
                [py, "eval.py", "passk", "--ckpt", f"{run}/finetune/ckpt.pt", "--device", device, "--n", "4",
                 "--k", "1", "2", "--max_problems", "4"], expect=["pass@1"])
+    check_nca_on_device(checks, device)
+    check_cached_generation(checks, f"{run}/finetune/ckpt.pt", device)
     checks.run("eval.py export", [py, "eval.py", "export", "--ckpt", f"{run}/pretrain/ckpt.pt", "--out_dir",
                                   os.path.join(out, "hf")], expect=["pytorch_model.bin"])
     bench_model = ["--device", device, "--data_dir", data_dir] if gpu else small  # the default model on a GPU
@@ -270,6 +273,41 @@ def check_resume_after_kill(checks, command, out, exact):
     checks.record("resume: the resumed log equals the straight one", same and worst <= limit,
                   f"largest val-loss difference {worst:.1e}, allowed {limit:.0e}")
 
+
+
+def check_nca_on_device(checks, device):
+    """The NCA batches made on the device must be the CPU's bit for bit (the rules run in float64, the GPU samples by
+    inverse CDF where the CPU takes a faster path), with TF32 on as train.py turns it on. On the CPU it compares the
+    CPU with itself."""
+    cfg, name = nca.NCAConfig(), "NCA data: the device's batch equals the CPU's, bit for bit"
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py runs on a GPU
+    here = nca.NCAStream(cfg, 16, 256, seed=0, device=device, chunk=256).next_batch()
+    cpu = nca.NCAStream(cfg, 16, 256, seed=0, device="cpu", chunk=256).next_batch()
+    same = all(torch.equal(a.cpu(), b) for a, b in zip(here, cpu))
+    differ = int((here[0].cpu() != cpu[0]).sum())
+    checks.record(name, same, f"16 sequences of 256 tokens at the paper's settings, {differ} tokens differ")
+
+
+def check_cached_generation(checks, ckpt_path, device):
+    """Greedy generation with the KV cache must give the tokens of generation without it, under bf16 autocast too
+    (the cached path computes one query at a time, so its bf16 rounding differs). A flip where the two best logits are
+    within bf16's rounding (a near tie) is reported, not failed."""
+    name = "generation: greedy with the KV cache equals without, under bf16"
+    ckpt = safety.load_checkpoint(ckpt_path, "bench check: ")
+    model = GPT(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    prompt = torch.randint(model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        cached, plain = (model.generate(prompt, 24, temperature=0, use_cache=c) for c in (True, False))
+        if torch.equal(cached, plain):
+            return checks.record(name, True, "4 prompts, 24 tokens each")
+        row, step = (cached != plain).nonzero()[0].tolist()
+        logits = model(plain[row:row + 1, :step])[0][0, -1].float()
+    gap = float(logits.topk(2).values.diff().abs())
+    checks.record(name, gap < 0.05, f"row {row} differs from token {step - 8} on, where the two best logits are "
+                                    f"{gap:.3f} apart" + (" (a near tie)" if gap < 0.05 else ""))
 
 
 def check_stage_memory(checks, stdout, gpu):

@@ -44,9 +44,10 @@ def load_model(ckpt_path, device):
 # perplexity on a fixed evaluation set
 
 @torch.no_grad()
-def perplexity(model, tokens, block_size, batch_size, device):
+def perplexity(model, tokens, block_size, batch_size, device, autocast=None):
     """Mean loss (nats/token) over consecutive non-overlapping windows from the start of `tokens`: deterministic,
-    and every token but the first is a target exactly once (the last, shorter window included).
+    and every token but the first is a target exactly once (the last, shorter window included). The model runs
+    under autocast if given (train.py's validation loss runs in the training dtype), else in float32.
     Returns (mean loss, number of tokens scored)."""
     num_targets = len(tokens) - 1
     if num_targets < 1:
@@ -61,7 +62,8 @@ def perplexity(model, tokens, block_size, batch_size, device):
         length = min(block_size, num_targets - batch[0])
         rows = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
         chunk = torch.from_numpy(rows).to(device)  # (B, length + 1)
-        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        with autocast or nullcontext():
+            _, loss = model(chunk[:, :-1], chunk[:, 1:])
         total += loss.item() * chunk[:, 1:].numel()  # the model returns the mean; we want the sum over all windows
         count += chunk[:, 1:].numel()
         progress(f"perplexity: batch {b + 1}/{len(batches)}, {count:,} tokens, loss so far {total / count:.4f}")
@@ -83,8 +85,11 @@ def run_perplexity(args):
     tokens = np.memmap(os.path.join(data_dir, f"{args.split}.bin"), dtype=np.uint16, mode="r")
     if args.max_tokens:
         tokens = tokens[:args.max_tokens + 1]
-    loss, count = perplexity(model, tokens, block_size, args.batch_size, args.device)
-    print(f"{data_dir} {args.split}: {count:,} tokens in windows of {block_size}")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = dtype and torch.autocast(torch.device(args.device).type, dtype=dtype)
+    loss, count = perplexity(model, tokens, block_size, args.batch_size, args.device, autocast)
+    print(f"{data_dir} {args.split}: {count:,} tokens in windows of {block_size}, in {args.dtype}"
+          + (" (autocast)" if dtype else ""))
     print(f"loss={loss:.4f} ppl={math.exp(loss):.3f}")
     return loss
 
@@ -483,6 +488,9 @@ def build_parser():
     sub.add_argument("--block_size", type=int, help="window length (default: the model's block_size)")
     sub.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     sub.add_argument("--max_tokens", type=int, help="score only the first N tokens of the split")
+    sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="precision; the training run's --dtype reproduces the validation loss it logged (autocast "
+                          "shifts the loss by a small, systematic amount)")
 
     sub = command("passk", run_passk, "unbiased pass@k of sampled completions, and greedy exact-match accuracy")
     sub.add_argument("--task", help="data/<task> (default: the checkpoint's fine-tuning task)")

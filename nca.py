@@ -145,7 +145,9 @@ HIDDEN1, HIDDEN2, W1_QUANTUM = 4, 16, 2 ** -20
 
 def sample_rules(rule_seeds, num_colors):
     """Rule weights for a batch of seeds (R,) -> dict of lookup table (R, 9*C, 4) (float32, multiples of
-    W1_QUANTUM), w2 (R, 16, 4) and w3 (R, C, 16) (float64)."""
+    W1_QUANTUM), w2 (R, 16, 4) and w3 (R, C, 16) (float64). Every weight is an untruncated normal with std
+    1/sqrt(fan_in), fan_in = 9C, 4 and 16. The authors' code differs twice (see the README, "Where we differ"): Flax's
+    lecun_normal truncates at 2 sigma, and its first convolution sees C + 2 channels."""
     C, R = num_colors, len(rule_seeds)
     n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
     z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)                   # float64

@@ -76,11 +76,14 @@ def test_lookup_simulation_equals_the_convolutional_rule():
 
 
 def test_rule_weights_are_lecun_normal():
+    """Untruncated normals with std 1/sqrt(fan_in), as sample_rules' docstring states (Flax's lecun_normal, which
+    the authors' code used, truncates at 2 sigma: none of its weights would lie beyond)."""
     rules = nca.sample_rules(torch.arange(2000), 10)
     for name, fan_in in (("table", 90), ("w2", 4), ("w3", 16)):
-        w = rules[name]
-        assert abs(w.mean().item()) < 0.01
-        assert abs(w.std().item() * math.sqrt(fan_in) - 1) < 0.02, name
+        w = rules[name].double() * math.sqrt(fan_in)
+        assert abs(w.mean().item()) < 0.01 * math.sqrt(fan_in)
+        assert abs(w.std().item() - 1) < 0.02, name
+        assert (w.abs() > 2).double().mean().item() == pytest.approx(0.0455, abs=0.005), name  # P(|z| > 2)
 
 
 def test_same_seed_same_rule_and_rollout_whatever_the_batch():
@@ -1385,7 +1388,9 @@ def test_gpu_check_on_the_cpu(tmp_path):
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     for item in ("three stages", "torch.compile", "resume: the resumed log equals the straight one", "torchrun",
-                 "eval.py icl", "eval.py passk", "eval.py export", "bench.py train"):
+                 "eval.py icl", "eval.py passk", "NCA data: the device's batch equals the CPU's",
+                 "generation: greedy with the KV cache equals without, under bf16", "eval.py export",
+                 "bench.py train"):
         assert f"check: PASS {item}" in result.stdout, item
     assert "check: FAIL" not in result.stdout and "bench: nca_raw_tokens_per_s=" in result.stdout
 
@@ -2024,7 +2029,7 @@ def test_perplexity_scores_every_token_once(tmp_path, capsys):
     model = tiny_checkpoint(path)
     loss = evaluate.main(["perplexity", "--ckpt", path, "--data_dir", str(tmp_path / "tiny"), "--block_size", "16",
                           "--batch_size", "4", "--device", "cpu"])
-    assert "ppl=" in capsys.readouterr().out
+    assert "ppl=" in capsys.readouterr().out.split("in float32\n")[1]  # it says which precision it ran in
     # the same number by hand: 202 targets in windows of 16 (12 full windows and a tail of 10)
     tokens = torch.from_numpy(val.astype(np.int64))
     with torch.no_grad():
@@ -2035,6 +2040,10 @@ def test_perplexity_scores_every_token_once(tmp_path, capsys):
     short = evaluate.main(["perplexity", "--ckpt", path, "--data_dir", str(tmp_path / "tiny"), "--block_size", "16",
                            "--max_tokens", "32", "--device", "cpu"])
     assert short == pytest.approx(sum(losses[:2]).item() / 32, rel=1e-5)
+    half = evaluate.main(["perplexity", "--ckpt", path, "--data_dir", str(tmp_path / "tiny"), "--block_size", "16",
+                          "--device", "cpu", "--dtype", "bfloat16"])  # autocast, as a bf16 training run logs it
+    assert "in bfloat16 (autocast)" in capsys.readouterr().out and half != loss
+    assert half == pytest.approx(loss, abs=0.05)
 
 
 def test_perplexity_refuses_another_tokenizer(tmp_path):
