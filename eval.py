@@ -417,6 +417,12 @@ def run_passk(args):
     stop = check_task(data_dir, task)["stop"]
     records = load_pairs(data_dir, args.split, task)[:args.max_problems]
     enc = get_tokenizer(tokenizer)
+    cropped = sum(len(enc.encode_ordinary(r["prompt"])) + args.max_new_tokens > model.config.block_size
+                  for r in records)
+    if cropped:  # generate slides the context: such a prompt loses its start
+        print(f"passk: {cropped} of {len(records)} prompts and their completion of up to {args.max_new_tokens} tokens "
+              f"exceed the model's block of {model.config.block_size} tokens, so their prompts are cropped from the "
+              f"left while generating")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     counts, progress = [], Progress()
     for i, record in enumerate(records):
@@ -533,6 +539,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         safety.check_eval_args(args)
+        safety.validate_device(args.device)
         return args.function(args)
     except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
         sys.exit(f"eval.py {args.command}: error: {e}")

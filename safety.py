@@ -8,7 +8,7 @@ kept out of the method so that train.py reads as the method. Each guard is calle
   check_memory        the estimated peak memory of a stage (estimate_memory) against the device's, before step 1
   load_checkpoint     a checkpoint read to the CPU with weights_only=True: nothing read from disk can run code
   save_checkpoint     written to a temporary file, then renamed: a kill mid-save keeps the previous checkpoint
-  stage_lock          one run per stage folder
+  run_lock            one run per out_dir, for its whole life; a finished stage is never replaced by accident
   trim_log            --resume cuts a stage's log back to its checkpoint
   check_resume        --resume refuses flags that differ from the checkpoint's
   StopSignal          Ctrl-C / SIGTERM stop after the current step, with a checkpoint
@@ -30,7 +30,7 @@ from dataclasses import asdict, field, fields
 import numpy as np
 import torch
 
-from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, load_pairs
+from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, get_tokenizer, load_pairs
 
 # -----------------------------------------------------------------------------
 # flags: a dataclass field per flag, with its help
@@ -115,24 +115,25 @@ def validate_flags(cfg, all_stages, groups):
         raise ValueError(f"--freeze {cfg.freeze}: every group frozen leaves nothing to train")
 
 
-def check_model_config(config):
-    """The model's shape, checked before any tensor is made (GPT() and train.py's flags call it)."""
+def check_model_config(config, flag="--"):
+    """The model's shape, checked before any tensor is made (GPT() and train.py's flags call it). flag prefixes the
+    names in messages: "--" for flags, "model_args." for a checkpoint's settings."""
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name not in ("dropout", "ffn_dim") and not value > 0:
-            raise ValueError(f"--{f.name}={value} must be positive")
+            raise ValueError(f"{flag}{f.name}={value} must be positive")
     if config.n_embd % config.n_head != 0:
-        raise ValueError(f"--n_embd={config.n_embd} is not divisible by --n_head={config.n_head}; every head gets "
-                         f"n_embd/n_head channels, so pick an n_embd that is a multiple of {config.n_head}")
+        raise ValueError(f"{flag}n_embd={config.n_embd} is not divisible by {flag}n_head={config.n_head}; every head "
+                         f"gets n_embd/n_head channels, so pick an n_embd that is a multiple of {config.n_head}")
     head_dim = config.n_embd // config.n_head
     if head_dim % 2 != 0:
-        raise ValueError(f"head dim --n_embd/--n_head = {config.n_embd}/{config.n_head} = {head_dim} is odd; rotary "
-                         f"embeddings rotate pairs of channels, so use an n_embd that is a multiple of "
+        raise ValueError(f"head dim {flag}n_embd/{flag}n_head = {config.n_embd}/{config.n_head} = {head_dim} is odd; "
+                         f"rotary embeddings rotate pairs of channels, so use an n_embd that is a multiple of "
                          f"2*n_head = {2 * config.n_head}")
     if config.ffn_dim < 0:
-        raise ValueError(f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to --multiple_of)")
+        raise ValueError(f"{flag}ffn_dim={config.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to multiple_of)")
     if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"--dropout={config.dropout} must be in [0, 1) (0 disables it)")
+        raise ValueError(f"{flag}dropout={config.dropout} must be in [0, 1) (0 disables it)")
 
 
 def checkpoint_shape(state_dict):
@@ -194,8 +195,6 @@ def check_nca_config(cfg):
 
 def validate_checkpoints(cfg, model_cfg, nca_cfg, stages):
     """out_dir, --init_from and --resume (read lazily with mmap: a big checkpoint costs nothing here)."""
-    if cfg.init_from and cfg.resume:
-        raise ValueError("--init_from and --resume exclude each other: --resume continues out_dir/<stage>/ckpt.pt")
     if cfg.init_from:
         load_checkpoint(cfg.init_from, flag="--init_from ", mmap=True)  # fail now, not after preparing data
     if cfg.resume:  # the flags that shape the model, the schedule and the data must be the checkpoint's
@@ -224,12 +223,39 @@ def validate_data(stage, cfg, model_cfg, nca_cfg):
                        - {"hf", "__pycache__"} | set(OFFLINE_DATA))
         raise ValueError(f"--{stage}_data {name!r}: there is no {data_dir}; datasets there or made offline: "
                          f"{', '.join(known)} (the web corpora: python -m data.hf.prepare --dataset NAME)")
-    if stage == "finetune":  # missing or broken files: say so now, not hours later
+    if stage == "finetune":  # missing or broken files, or a pair longer than the block: say so now, not hours later
         check_task(data_dir, name)
-        for split in ("train", "val"):
-            load_pairs(data_dir, split, name)
+        enc = get_tokenizer(finetune_tokenizer(cfg))
+        check_pairs_fit({split: [(enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(r["completion"]))
+                                 for r in load_pairs(data_dir, split, name)] for split in ("train", "val")},
+                        data_dir, model_cfg.block_size)
     else:
         check_prepared(data_dir, name)
+
+
+def finetune_tokenizer(cfg):
+    """The tokenizer stage 3 will use: its --init_from checkpoint's, else the stage-2 corpus's (an offline corpus not
+    yet made: bytes)."""
+    if cfg.init_from and cfg.stage == "finetune":
+        tokenizer = load_checkpoint(cfg.init_from, "--init_from ", mmap=True)["data"]["tokenizer"]
+        if tokenizer:  # (none after stage 1: then the stage-2 corpus's, as train.py does)
+            return tokenizer
+    try:
+        return check_prepared(os.path.join(cfg.data_dir, cfg.pretrain_data), cfg.pretrain_data)["tokenizer"]
+    except (FileNotFoundError, ValueError):
+        if cfg.pretrain_data in OFFLINE_DATA:
+            return "bytes"
+        raise
+
+
+def check_pairs_fit(encoded, data_dir, block_size):
+    """encoded: {split: [(prompt ids, completion ids), ...]}. A pair longer than the block cannot be trained on."""
+    for split, pairs in encoded.items():
+        for number, (prompt, completion) in enumerate(pairs, start=1):
+            if len(prompt) + len(completion) > block_size + 1:
+                raise ValueError(f"{os.path.join(data_dir, split)}.jsonl, record {number}: its prompt + completion "
+                                 f"is {len(prompt) + len(completion)} tokens; --block_size {block_size} must be at "
+                                 f"least {len(prompt) + len(completion) - 1}")
 
 
 def validate_device(device):
@@ -280,23 +306,25 @@ def save_checkpoint(path, checkpoint):
 
 
 @contextmanager
-def stage_lock(stage_dir, master=True, share=lambda refusal: refusal):
-    """One run per stage folder: rank 0 (master) holds an exclusive lock on stage_dir/lock while the stage runs, and
-    a second run on the same folder stops at once with a message naming the first. share(refusal) hands rank 0's
-    refusal (or None) to every rank, so that all ranks of a refused torchrun job stop, not rank 0 alone."""
+def run_lock(out_dir, master=True, share=lambda refusal: refusal, refuse=lambda: None):
+    """One run per out_dir: rank 0 (master) holds an exclusive lock on out_dir/lock for the whole run, every stage
+    of it, and a second run on the same folder stops at once with a message naming the first. Once the lock is held,
+    refuse() may give a reason to stop all the same (a finished stage this run would replace). share(refusal) hands
+    rank 0's refusal (or None) to every rank, so that all ranks of a refused torchrun job stop, not rank 0 alone."""
     if not master:
         refusal = share(None)
         if refusal:
             raise RuntimeError(refusal)
         yield
         return
-    with open(os.path.join(stage_dir, "lock"), "a+") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "lock"), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            refusal = None
+            refusal = refuse()
         except BlockingIOError:
             f.seek(0)
-            refusal = (f"{stage_dir} is in use by another run ({f.read().strip() or 'unknown'}); wait for it to "
+            refusal = (f"{out_dir} is in use by another run ({f.read().strip() or 'unknown'}); wait for it to "
                        f"finish or give this run another --out_dir")
         if share(refusal):
             raise RuntimeError(refusal)
@@ -304,13 +332,25 @@ def stage_lock(stage_dir, master=True, share=lambda refusal: refusal):
         f.truncate()
         f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
         f.flush()
-        for name in os.listdir(stage_dir):  # what a run killed mid-save left (no other writer can be at work now)
-            if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
-                os.remove(os.path.join(stage_dir, name))
+        for stage_dir in [os.path.join(out_dir, d) for d in os.listdir(out_dir)]:  # what a run killed mid-save left
+            for name in os.listdir(stage_dir) if os.path.isdir(stage_dir) else ():  # (no other writer is at work)
+                if name.startswith("ckpt.pt.") and name.endswith(".tmp"):
+                    os.remove(os.path.join(stage_dir, name))
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def would_replace(cfg, stages):
+    """Without --resume, a run that finds a checkpoint of a stage it will run would replace it: the reason to stop,
+    or None."""
+    found = [path for path in (os.path.join(cfg.out_dir, stage, "ckpt.pt") for stage in stages)
+             if os.path.exists(path)]
+    if cfg.resume or not found:
+        return None
+    return (f"{found[0]} exists, and a run without --resume would replace it: continue it with --resume, or give this "
+            f"run another --out_dir (delete {cfg.out_dir} to start over)")
 
 
 def append_log(log_path, record):
@@ -344,6 +384,9 @@ RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "warmup_frac", "min_lr_
 def check_resume(checkpoint, stage, cfg, model_cfg, nca_cfg, ckpt_path):
     """--resume continues a run as it was planned: flags that shape the model, the schedule or the data must be the
     checkpoint's, or the run would silently keep the old model or re-plan its learning rate."""
+    if checkpoint["stage"] != stage:
+        raise ValueError(f"--resume: {ckpt_path} is a checkpoint of the {checkpoint['stage']!r} stage, not of "
+                         f"{stage!r}; put it back where it came from, or start afresh with another --out_dir")
     saved, saved_cfg = checkpoint["model_args"], checkpoint.get("config", {})
     differ = [f"--{k} {v} (checkpoint: {saved.get(k)})" for k, v in asdict(model_cfg).items()
               if k != "vocab_size" and saved.get(k) != v]
@@ -584,4 +627,52 @@ def load_checkpoint(path, flag="", mmap=False):
                          f"give a ckpt.pt written by train.py") from e
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "stage"} <= checkpoint.keys():
         raise ValueError(f"{flag}{path} is not a checkpoint of train.py (it lacks model / model_args / stage)")
+    try:
+        check_checkpoint(checkpoint)
+    except ValueError as e:
+        raise ValueError(f"{flag}{path}: {e}; give a ckpt.pt written by train.py") from None
     return checkpoint
+
+
+CHECKPOINT_NUMBERS = ("iter_num", "tokens_seen", "prior_tokens")  # counters every checkpoint of train.py holds
+
+
+def check_checkpoint(checkpoint):
+    """What a checkpoint claims, checked before anything is built from it: its stage; model_args against
+    ModelConfig's fields, types and ranges; the weights' names and shapes against the model model_args describe
+    (built on the meta device: no memory); the size of what building it allocates; the data it was trained on."""
+    from model import GPT, ModelConfig  # here, not at the top: model.py imports this module
+    if checkpoint["stage"] not in ("prepretrain", "pretrain", "finetune"):
+        raise ValueError(f"its stage {checkpoint['stage']!r} is not one of train.py's")
+    args, known = checkpoint["model_args"], {f.name: f for f in fields(ModelConfig)}
+    if not isinstance(args, dict) or set(args) - set(known):
+        raise ValueError(f"model_args holds {sorted(set(args) - set(known)) if isinstance(args, dict) else args!r}, "
+                         f"which model.py's ModelConfig does not know")
+    for name, value in args.items():
+        kind = type(known[name].default)
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            raise ValueError(f"model_args.{name} is {value!r}, not a number of type {kind.__name__}")
+    config = ModelConfig(**args)
+    check_model_config(config, flag="model_args.")
+    rope_bytes = 2 * 4 * config.block_size * (config.n_embd // config.n_head)
+    if rope_bytes > device_memory("cpu")[0] / 4:
+        raise ValueError(f"model_args.block_size={config.block_size} would need {rope_bytes / 2 ** 30:,.1f} GiB of "
+                         f"rotary tables")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    weights = checkpoint["model"]
+    found = {k: tuple(v.shape) for k, v in weights.items()} if isinstance(weights, dict) and all(
+        isinstance(v, torch.Tensor) for v in weights.values()) else None
+    if found is None:
+        raise ValueError("its model entry is not a state dict of tensors")
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if found[k] != expected[k]]
+        raise ValueError(f"its weights do not fit its model_args: {likely_cause(weights, config, ())} (first "
+                         f"mismatch: {wrong[0]})")
+    data = checkpoint.get("data")
+    if not (isinstance(data, dict) and isinstance(data.get("name"), str) and
+            isinstance(data.get("tokenizer"), (str, type(None))) and type(data.get("vocab_size")) is int):
+        raise ValueError("its data record (name, tokenizer, vocab_size) is missing or malformed")
+    for name in CHECKPOINT_NUMBERS:
+        if type(checkpoint.get(name)) is not int or checkpoint[name] < 0:
+            raise ValueError(f"its {name} is {checkpoint.get(name)!r}, not a count")

@@ -37,10 +37,10 @@
 #                      the rate probe: scratch at width 512 with the other widths' stage-2 rate, 2e-3
 #   nca-torch-init-w256, scratch-torch-init-w256
 #                      the initialisation question at width 256 (as nca-torch-init and scratch-torch-init)
-#   nca-attention-only-w256, nca-mlp-only-w256 (and -w512)
-#                      what carries the transfer: nca-w256's own stage-1 checkpoint of the seed, with the MLPs
-#                      (attention-only) or the attention (mlp-only) re-initialised before stage 2; embedding and head
-#                      re-initialised and norms carried, as always (stage 1 runs once per seed, in the nca-w256 arm)
+#   nca-attention-only-w256, nca-mlp-only-w256, nca-attention-only-w512, nca-mlp-only-w512
+#                      what carries the transfer: the width's nca arm's own stage-1 checkpoint of the seed, with the
+#                      MLPs (attention-only) or the attention (mlp-only) re-initialised before stage 2; embedding and
+#                      head re-initialised and norms carried, as always (stage 1 runs once per seed, in the nca arm)
 #   nca-lr5e-4-w512, nca-lr2e-3-w512
 #                      the stage-2 rate probe of the NCA arm at width 512: nca-w512's stage-1 checkpoint, stage 2 at
 #                      5e-4 or 2e-3 instead of the 1e-3 chosen on scratch alone
@@ -65,6 +65,17 @@ STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"         
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
 
+from_nca_stage1() {  # from_nca_stage1 <arm> <seed> <dir>: stage 2 only, from the stage-1 checkpoint of the width's nca arm
+  local arm=$1 seed=$2 dir=$3 width=${1##*-} flags=$WIDE reinit=embedding,head lr=""
+  if [ $width = w512 ]; then flags=$WIDER; fi
+  if [[ $arm == nca-attention-only-* ]]; then reinit=embedding,head,mlp; fi
+  if [[ $arm == nca-mlp-only-* ]]; then reinit=embedding,head,attention; fi
+  if [[ $arm == nca-lr* ]]; then lr="--pretrain_lr $(echo $arm | sed 's/nca-lr\(.*\)-w512/\1/')"; fi
+  python train.py $COMMON $STAGE1 $flags --stage prepretrain --seed $seed --out_dir $OUT/nca-${width}_seed$seed
+  python train.py $COMMON $STAGE2 $flags $lr --stage pretrain --reinit $reinit \
+    --init_from $OUT/nca-${width}_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir
+}
+
 run_arm() {  # run_arm <arm> <seed>
   local arm=$1 seed=$2 dir=$OUT/$1_seed$2
   case $arm in
@@ -76,19 +87,10 @@ run_arm() {  # run_arm <arm> <seed>
     nca-reinit-attn|nca-reinit-mlp)
       [ -f $OUT/nca_seed$seed/prepretrain/ckpt.pt ] || run_arm nca $seed
       local group=$([ $arm = nca-reinit-attn ] && echo attention || echo mlp)
-      python train.py ${COMMON/ --resume/} $STAGE2 --stage pretrain --reinit embedding,head,$group \
+      python train.py $COMMON $STAGE2 --stage pretrain --reinit embedding,head,$group \
         --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
-    nca-attention-only-w*|nca-mlp-only-w*|nca-lr*-w512)  # stage 2 only, from the width's nca arm's stage 1
-      local width=${arm##*-} flags=$WIDE reinit=embedding,head lr=""
-      [ $width = w512 ] && flags=$WIDER
-      case $arm in
-        nca-attention-only-*) reinit=embedding,head,mlp ;;
-        nca-mlp-only-*)       reinit=embedding,head,attention ;;
-        nca-lr*)              lr="--pretrain_lr $(echo $arm | sed 's/nca-lr\(.*\)-w512/\1/')" ;;
-      esac
-      python train.py $COMMON $STAGE1 $flags --stage prepretrain --seed $seed --out_dir $OUT/nca-${width}_seed$seed
-      python train.py ${COMMON/ --resume/} $STAGE2 $flags $lr --stage pretrain --reinit $reinit \
-        --init_from $OUT/nca-${width}_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
+    nca-attention-only-w256|nca-mlp-only-w256|nca-attention-only-w512|nca-mlp-only-w512|nca-lr5e-4-w512|nca-lr2e-3-w512)
+                     from_nca_stage1 $arm $seed $dir ;;
     nca-shuffled)    python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data nca-shuffled --seed $seed --out_dir $dir ;;
     nca-pool)        python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --seed $seed --out_dir $dir ;;
     nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --embed_init torch --seed $seed --out_dir $dir ;;

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -1415,6 +1416,54 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_the_first_is_intact(tmp
     assert torch.load(log_path.parent / "ckpt.pt", weights_only=True)["iter_num"] == 200
 
 
+def test_a_finished_run_is_not_replaced_by_the_same_command(tmp_path, tiny_data):
+    flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "2", "--finetune_iters", "2",
+                      "--eval_interval", "2")
+    train.main(flags)
+    saved = {s: (tmp_path / "out" / s / "ckpt.pt").read_bytes() for s in train.STAGES}
+    logs = {s: (tmp_path / "out" / s / "log.jsonl").read_bytes() for s in train.STAGES}
+    t0 = time.time()
+    result = subprocess.run([sys.executable, "train.py", *flags], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and time.time() - t0 < 5 * 3  # three python startups at most on a busy machine
+    assert "exists, and a run without --resume would replace it" in result.stderr and len(
+        result.stderr.strip().splitlines()) == 1, result.stderr
+    with pytest.raises(RuntimeError, match="--resume"):  # one stage of it too
+        train.main(flags + ["--stage", "pretrain"])
+    assert saved == {s: (tmp_path / "out" / s / "ckpt.pt").read_bytes() for s in train.STAGES}
+    assert logs == {s: (tmp_path / "out" / s / "log.jsonl").read_bytes() for s in train.STAGES}
+    train.main(flags + ["--resume"])  # what the message says to do: every stage is complete
+    assert saved == {s: (tmp_path / "out" / s / "ckpt.pt").read_bytes() for s in train.STAGES}
+
+
+def test_the_lock_holds_the_whole_out_dir_for_every_stage_of_a_run(tmp_path, tiny_data):
+    """A run of all stages, and a second one on the same out_dir for stage 2 alone: refused while the first is still
+    in stage 1, so it cannot finish stage 2 before the first reaches it and overwrites it."""
+    flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "300", "--pretrain_iters", "2", "--finetune_iters",
+                      "0", "--eval_interval", "100")
+    first = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    log_path = tmp_path / "out" / "prepretrain" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log_path.exists() and log_path.stat().st_size > 0):
+        time.sleep(0.02)
+    with pytest.raises(RuntimeError, match=r"in use by another run \(pid \d+: .*train.py"):
+        train.main(flags + ["--stage", "pretrain"])
+    first.kill()
+    first.wait()
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage(tmp_path, tiny_data, capsys):
+    """A stage-1 checkpoint copied into the stage-2 folder is not taken for a complete stage 2."""
+    flags = run_flags(tmp_path, tiny_data, "--prepretrain_iters", "2", "--pretrain_iters", "4", "--finetune_iters", "0",
+                      "--eval_interval", "2")
+    train.main(flags + ["--stage", "prepretrain"])
+    os.makedirs(tmp_path / "out" / "pretrain")
+    shutil.copy(tmp_path / "out" / "prepretrain" / "ckpt.pt", tmp_path / "out" / "pretrain" / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        train.main(flags + ["--resume"])
+    assert "is a checkpoint of the 'prepretrain' stage, not of 'pretrain'" in capsys.readouterr().err
+
+
 def test_a_kill_between_log_and_checkpoint_and_a_torn_log_line_resume_to_the_full_log(tmp_path, tiny_data,
                                                                                        monkeypatch):
     common = ["--stage", "pretrain", "--pretrain_iters", "30", "--eval_interval", "10"]
@@ -1479,7 +1528,7 @@ def test_a_failed_save_leaves_no_temporary_file_and_says_when_the_disk_is_full(t
     with pytest.raises(RuntimeError, match="the disk is full"):
         safety.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
     assert os.listdir(tmp_path) == ["ckpt.pt"]
-    assert torch.equal(safety.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
 
 
 def shutil_usage(free):
@@ -1627,6 +1676,65 @@ def test_eval_refuses_bad_numbers_and_non_checkpoints_before_loading(tmp_path, c
     for argv, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)):
             evaluate.main(argv + ["--device", "cpu"])
+
+
+BROKEN_CHECKPOINTS = {  # what is changed in a good checkpoint -> what the one-line refusal says
+    "unknown model_args key": (lambda c: c["model_args"].update(foo=1), "model_args holds ['foo']"),
+    "n_layer unlike the weights": (lambda c: c["model_args"].update(n_layer=3), "do not fit its model_args"),
+    "a block of 10**9": (lambda c: c["model_args"].update(block_size=10 ** 9), "of rotary tables"),
+    "no data record": (lambda c: c.pop("data"), "data record"),
+    "n_head 3": (lambda c: c["model_args"].update(n_head=3), "model_args.n_embd=32 is not divisible by model_args"),
+    "vocab_size 0": (lambda c: c["model_args"].update(vocab_size=0), "model_args.vocab_size=0 must be positive"),
+    "vocab_size '257'": (lambda c: c["model_args"].update(vocab_size="257"), "model_args.vocab_size is '257'"),
+    "another stage": (lambda c: c.update(stage="warmup"), "its stage 'warmup'"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHECKPOINTS)
+def test_a_checkpoint_is_checked_for_what_it_claims_before_use(tmp_path, tiny_data, capsys, case):
+    path = str(tmp_path / "run" / "pretrain" / "ckpt.pt")
+    tiny_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    change, message = BROKEN_CHECKPOINTS[case]
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["perplexity", "--ckpt", path, "--device", "cpu"])
+    assert message in str(stop.value) and len(str(stop.value).splitlines()) == 1, str(stop.value)
+    with pytest.raises(SystemExit):  # --init_from: refused with the flags, before any stage trains
+        train.parse_args(run_flags(tmp_path, tiny_data, "--stage", "finetune", "--init_from", path))
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_device_that_is_not_there(tmp_path, monkeypatch):
+    path = str(tmp_path / "run" / "pretrain" / "ckpt.pt")
+    tiny_checkpoint(path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, even on one with
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no GPU here"):
+        evaluate.main(["perplexity", "--ckpt", path, "--device", "cuda"])
+
+
+def test_a_pair_longer_than_the_block_is_refused_before_any_stage_trains(tmp_path, tiny_data, capsys):
+    records = [{"prompt": "1+1=", "completion": "2\n", "answer": "2"}] * 3
+    save_pairs_dataset(str(tmp_path / "data" / "long"), {"train": records[:2] + [dict(records[0], prompt="x" * 10 ** 6)],
+                                                         "val": records, "test": records}, "long", "\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(run_flags(tmp_path, tiny_data, "--finetune_data", "long"))
+    err = capsys.readouterr().err
+    assert "long/train.jsonl, record 3: its prompt + completion is 1000002 tokens" in err, err
+
+
+def test_passk_says_when_it_crops_a_prompt(tmp_path, capsys):
+    records = [{"prompt": "1+1=", "completion": "2\n", "answer": "2"}, {"prompt": "9" * 60 + "=", "completion": "1\n",
+                                                                      "answer": "1"}]
+    save_pairs_dataset(str(tmp_path / "task"), {"train": records, "val": records, "test": records}, "task", "\n")
+    path = str(tmp_path / "run" / "finetune" / "ckpt.pt")
+    tiny_checkpoint(path, stage="finetune", data={"name": "task", "tokenizer": "bytes", "vocab_size": 257,
+                                                  "eot_token": 256})
+    evaluate.main(["passk", "--ckpt", path, "--data_dir", str(tmp_path / "task"), "--n", "2", "--k", "1",
+                   "--max_new_tokens", "8", "--device", "cpu"])
+    assert "passk: 1 of 2 prompts and their completion of up to 8 tokens exceed the model's block of 64" in \
+        capsys.readouterr().out
 
 
 def test_pass_at_k_matches_hand_computed_values():
@@ -1881,8 +1989,9 @@ def test_compare_and_probes_leave_out_a_run_still_running(tmp_path, capsys):
     for arm in ("scratch", "nca"):
         write_log(tmp_path / f"{arm}_seed0", "pretrain", tokens, [5.0, 2.0, 1.5, 1.2])
     write_log(tmp_path / "nca_seed1", "pretrain", tokens[:2], [5.0, 1.1])  # evaluated at 10 of its planned 30 iters
-    torch.save({"model": {}, "model_args": {}, "stage": "pretrain", "config": {"pretrain_iters": 30}},
-               tmp_path / "nca_seed1" / "pretrain" / "ckpt.pt")
+    ckpt_path = tmp_path / "nca_seed1" / "pretrain" / "ckpt.pt"
+    tiny_checkpoint(str(ckpt_path))
+    torch.save({**torch.load(ckpt_path, weights_only=True), "config": {"pretrain_iters": 30}}, ckpt_path)
     table = study.main(["compare", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "c.png")])
     assert "left out" in capsys.readouterr().out and "| nca | 1 |" in table  # its 1.1 would have won
     rows = study.main(["probes", "--runs", str(tmp_path / "*"), "--out", str(tmp_path / "p.png")])
@@ -2127,7 +2236,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     path = save_then_fail_the_next_save(tmp_path, monkeypatch, KeyboardInterrupt)  # the process dies mid-write
     with pytest.raises(KeyboardInterrupt):
         safety.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}, "stage": "pretrain"})
-    assert torch.equal(safety.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
@@ -2144,7 +2253,7 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the save finished before it could be killed"
-    assert torch.equal(safety.load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
@@ -2155,8 +2264,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
     poisoned = dict(good, model={k: v.clone() for k, v in good["model"].items()})
     poisoned["model"]["layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     torch.save(poisoned, tmp_path / "poisoned.pt")
-    with pytest.raises(RuntimeError, match="validation loss is nan at iteration 0"):
-        train.main(flags + ["--init_from", str(tmp_path / "poisoned.pt")])
+    with pytest.raises(RuntimeError, match="validation loss is nan at iteration 0.*No checkpoint of this stage"):
+        train.main(flags + ["--init_from", str(tmp_path / "poisoned.pt"), "--out_dir", str(tmp_path / "poisoned")])
+    assert not (tmp_path / "poisoned" / "pretrain" / "ckpt.pt").exists()
     after = torch.load(ckpt_path, weights_only=True)
     assert after["iter_num"] == 4 and torch.equal(after["model"]["norm.weight"], good["model"]["norm.weight"])
 
@@ -2355,9 +2465,9 @@ def collective_worker(rank, port, lock_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     ddp = runtime.Dist(rank=rank, world=2)
-    mean = ddp.mean(float("nan") if rank == 1 else 1.0)
+    mean = ddp.sum(float("nan") if rank == 1 else 1.0)
     try:
-        with safety.stage_lock(lock_dir, ddp.master, share=ddp.share):
+        with safety.run_lock(lock_dir, ddp.master, share=ddp.share):
             refused = None
     except RuntimeError as e:
         refused = str(e)

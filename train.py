@@ -237,10 +237,7 @@ class PairData(Data):
         self.world, self.own_rows = world, slice(rank * batch_size, (rank + 1) * batch_size)
         self.pairs = {split: [(enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(r["completion"]))
                               for r in load_pairs(self.data_dir, split)] for split in ("train", "val")}
-        longest = max(len(p) + len(c) for pairs in self.pairs.values() for p, c in pairs)
-        if longest > block_size + 1:
-            raise ValueError(f"{self.data_dir} has a prompt + completion of {longest} tokens; --block_size "
-                             f"{block_size} must be at least {longest - 1}")
+        safety.check_pairs_fit(self.pairs, self.data_dir, block_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         val = self.pairs["val"][:cfg.eval_iters * cfg.batch_size]  # this rank's share of each batch of --batch_size
         self.val = [self.collate(val[i:i + cfg.batch_size][rank::world]) for i in range(0, len(val), cfg.batch_size)
@@ -535,59 +532,58 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
     """Train one stage; returns its checkpoint path and what was measured (Meter.summary)."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     os.makedirs(stage_dir, exist_ok=True)
-    with safety.stage_lock(stage_dir, ddp.master, share=ddp.share):
-        run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
-        if run is None:
-            return os.path.join(stage_dir, "ckpt.pt"), {}
-        # DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it can split the graph
-        # at DDP's gradient buckets and the all-reduce overlaps the backward pass
-        device_type = torch.device(cfg.device).type
-        run.train_model = run.model
-        if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
-            run.train_model = run.ddp_model = DistributedDataParallel(
-                run.model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
-        if cfg.compile:
-            run.train_model = torch.compile(run.train_model)
-        meter, stop, loss = Meter(run), safety.StopSignal(enabled=ddp.world == 1), None
-        try:
-            while True:
-                # evaluate and save every eval_interval iterations and at the end (not at the step resumed from)
-                if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
-                                                     (run.iter_num > run.start_iter or not run.resumed)):
-                    evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
-                if run.iter_num >= run.max_iters:
-                    break
-                if stop.requested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
-                    save(run, cfg, nca_cfg, ddp)
-                    raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
-                                     f"{run.ckpt_path}; continue with the same command and --resume")
-                t_step, lr = time.time(), lr_at(run, cfg)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, tokens, data_time = forward_backward(run, ddp)
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"{stage}: training loss is {loss} at iteration {run.iter_num}; stopping "
-                                       f"without saving. {safety.kept_checkpoint(run.ckpt_path)}; try a lower "
-                                       f"--{stage}_lr")
-                if cfg.grad_clip > 0:
-                    run.scaler.unscale_(run.optimizer)
-                    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-                run.scaler.step(run.optimizer)
-                run.scaler.update()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.iter_num += 1
-                run.tokens_seen += tokens
-                meter.step(time.time() - t_step, tokens, data_time)
-                if run.iter_num % cfg.log_interval == 0:
-                    meter.log_line(loss, lr)
-        finally:
-            stop.restore()
-            run.data.close()
-        stats = meter.summary()
-        print(f"== {stage} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
-              f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
-              f"checkpoint {run.ckpt_path}")
-        return run.ckpt_path, stats
+    run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+    if run is None:
+        return os.path.join(stage_dir, "ckpt.pt"), {}
+    # DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it can split the graph
+    # at DDP's gradient buckets and the all-reduce overlaps the backward pass
+    device_type = torch.device(cfg.device).type
+    run.train_model = run.model
+    if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
+        run.train_model = run.ddp_model = DistributedDataParallel(
+            run.model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
+    if cfg.compile:
+        run.train_model = torch.compile(run.train_model)
+    meter, stop, loss = Meter(run), safety.StopSignal(enabled=ddp.world == 1), None
+    try:
+        while True:
+            # evaluate and save every eval_interval iterations and at the end (not at the step resumed from)
+            if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
+                                                 (run.iter_num > run.start_iter or not run.resumed)):
+                evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
+            if run.iter_num >= run.max_iters:
+                break
+            if stop.requested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
+                save(run, cfg, nca_cfg, ddp)
+                raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
+                                 f"{run.ckpt_path}; continue with the same command and --resume")
+            t_step, lr = time.time(), lr_at(run, cfg)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens, data_time = forward_backward(run, ddp)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{stage}: training loss is {loss} at iteration {run.iter_num}; stopping "
+                                   f"without saving. {safety.kept_checkpoint(run.ckpt_path)}; try a lower "
+                                   f"--{stage}_lr")
+            if cfg.grad_clip > 0:
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.iter_num += 1
+            run.tokens_seen += tokens
+            meter.step(time.time() - t_step, tokens, data_time)
+            if run.iter_num % cfg.log_interval == 0:
+                meter.log_line(loss, lr)
+    finally:
+        stop.restore()
+        run.data.close()
+    stats = meter.summary()
+    print(f"== {stage} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
+          f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
+          f"checkpoint {run.ckpt_path}")
+    return run.ckpt_path, stats
 
 
 def prepare_datasets(cfg, stages, ddp):
@@ -610,27 +606,33 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print("config:", json.dumps({**asdict(cfg), **asdict(model_cfg), **asdict(nca_cfg)}))
-    try:
-        stages = [s for s in (STAGES if cfg.stage == "all" else (cfg.stage,)) if getattr(cfg, f"{s}_iters") > 0]
-        prepare_datasets(cfg, stages, ddp)
-        init_path = cfg.init_from
-        for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
-            if stage not in stages:
-                print(f"== {stage}: 0 iterations, skipped")
-                continue
-            # the previous stage's model, optimizer, data and prefetch thread are gone by now: only its checkpoint
-            # (init_path) carries over, so the next stage's memory is its own
-            init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
-            if cfg.compile:  # torch.compile's caches hold the stage's graphs, and through them its process group:
-                torch._dynamo.reset()  # released with the stage (and the reference cycles they leave collected), so
-                gc.collect()           # that destroy_process_group can end the group's threads before the exit
-            if torch.device(cfg.device).type == "cuda":
-                torch.cuda.empty_cache()  # hand the cached blocks of the stage before back to the allocator
-            if ddp.world > 1:
-                dist.barrier()  # the next stage (and the exit) waits for rank 0's checkpoint
+    stages = [s for s in (STAGES if cfg.stage == "all" else (cfg.stage,)) if getattr(cfg, f"{s}_iters") > 0]
+    try:  # one run per out_dir, and a finished stage is not replaced without --resume
+        with safety.run_lock(cfg.out_dir, ddp.master, ddp.share, refuse=lambda: safety.would_replace(cfg, stages)):
+            run_stages(cfg, model_cfg, nca_cfg, stages, ddp)
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
+
+
+def run_stages(cfg, model_cfg, nca_cfg, stages, ddp):
+    """The stages in order, each starting from the checkpoint of the one before (or --init_from)."""
+    prepare_datasets(cfg, stages, ddp)
+    init_path = cfg.init_from
+    for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+        if stage not in stages:
+            print(f"== {stage}: 0 iterations, skipped")
+            continue
+        # the previous stage's model, optimizer, data and prefetch thread are gone by now: only its checkpoint
+        # (init_path) carries over, so the next stage's memory is its own
+        init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+        if cfg.compile:  # torch.compile's caches hold the stage's graphs, and through them its process group:
+            torch._dynamo.reset()  # released with the stage (and the reference cycles they leave collected), so
+            gc.collect()           # that destroy_process_group can end the group's threads before the exit
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.empty_cache()  # hand the cached blocks of the stage before back to the allocator
+        if ddp.world > 1:
+            dist.barrier()  # the next stage (and the exit) waits for rank 0's checkpoint
 
 
 if __name__ == "__main__":
