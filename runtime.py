@@ -13,7 +13,8 @@ The machine side of train.py's run, each piece called there in one line:
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -113,28 +114,47 @@ def to_device(tensors, device):
 
 
 class Prefetch:
-    """make() -> (state, batch), called one batch ahead in a background thread: the NCA simulation (torch) and its
-    gzip filter (zlib) release the GIL, so the next batch is made while the training step runs. On a GPU the thread
-    queues its work on a CUDA stream of its own: its waits (the gzip filter reads rollouts back to the CPU) then wait
-    for its own kernels only, never for the training step's."""
+    """make() -> batch, called one batch ahead in a background thread: the NCA simulation (torch) and its gzip filter
+    (zlib) release the GIL, so the next batch is made while the training step runs. state() is the data source's
+    state before the batch being made, taken when it is asked for (for --resume). The thread is a daemon, so a
+    process told to stop never waits for a batch. On a GPU the thread queues its work on a CUDA stream of its own: its
+    waits (the gzip filter reads rollouts back to the CPU) then wait for its own kernels only, never for the training
+    step's."""
 
-    def __init__(self, make, device):
-        self.make, self.ahead = make, None  # ahead: future of (state before the batch, batch, CUDA event or None)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="nca-prefetch")
+    def __init__(self, make, state, device):
+        self.make, self.state, self.ahead = make, state, None  # ahead: (state before the batch, future of it)
         self.side_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
 
     def made(self):
         if self.side_stream is None:
-            return (*self.make(), None)
+            return self.make(), None
         with torch.cuda.stream(self.side_stream):
-            state, batch = self.make()
+            batch = self.make()
             ready = torch.cuda.Event()
             ready.record(self.side_stream)
-        return state, batch, ready
+        return batch, ready
+
+    def submit(self):
+        """Start making the next batch; -> (the state before it, its future)."""
+        state, future = self.state(), Future()
+
+        def work():
+            try:
+                future.set_result(self.made())
+            except BaseException as e:  # handed to whoever waits for the batch
+                future.set_exception(e)
+        threading.Thread(target=work, name="nca-prefetch", daemon=True).start()
+        return state, future
+
+    def wait(self):
+        """Wait until the next batch is made, without taking it."""
+        self.ahead = self.ahead or self.submit()
+        self.ahead[1].result()
 
     def next(self):
-        _, batch, ready = (self.ahead or self.worker.submit(self.made)).result()
-        self.ahead = self.worker.submit(self.made)
+        self.wait()
+        batch, ready = self.ahead[1].result()
+        self.ahead = self.submit()
         if ready is not None:
             training_stream = torch.cuda.current_stream(self.side_stream.device)
             training_stream.wait_event(ready)  # the GPU waits for the batch; the CPU goes on
@@ -144,15 +164,12 @@ class Prefetch:
 
     def state_ahead(self):
         """The state before the batch made ahead (None if there is none): what the batches handed out leave."""
-        return self.ahead.result()[0] if self.ahead is not None else None
+        return self.ahead[0] if self.ahead is not None else None
 
-    def drop(self):
-        if self.ahead is not None:
-            self.ahead.result()
-            self.ahead = None
-
-    def close(self):
-        self.worker.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait=True):
+        """Drop the batch made ahead; with wait, after the thread has finished it (then nothing runs on)."""
+        if self.ahead is not None and wait:
+            self.ahead[1].exception()
         self.ahead = None
 
 

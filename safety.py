@@ -360,10 +360,11 @@ def append_log(log_path, record):
 
 def trim_log(log_path, iter_num):
     """On --resume: keep the records up to the checkpoint's iteration (later ones are made again) and drop a torn or
-    blank line that a kill mid-write left. A missing log starts anew."""
+    blank line that a kill mid-write left. A missing log starts anew. -> the iteration of the last record kept (-1:
+    none)"""
     if not os.path.exists(log_path):
         print(f"--resume: {log_path} is missing; a new log starts at iteration {iter_num}")
-        return
+        return -1
     kept = []
     with open(log_path) as f:
         for line in f:
@@ -376,6 +377,7 @@ def trim_log(log_path, iter_num):
     with open(log_path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(log_path + ".tmp", log_path)
+    return json.loads(kept[-1])["iter"] if kept else -1
 
 
 RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "warmup_frac", "min_lr_frac")
@@ -425,21 +427,45 @@ def kept_checkpoint(ckpt_path):
     return "No checkpoint of this stage was written yet"
 
 
+class StopRequested(Exception):
+    """Raised by StopSignal inside an interruptible() block: what was under way there is dropped."""
+
+
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step; the loop then saves a checkpoint at
-    that iteration, so --resume loses nothing. A second signal stops at once. One process only: under torchrun the
-    ranks would not agree on the step, and the last evaluation's checkpoint is what --resume continues."""
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop: the first prints one line at once, and the loop saves a
+    checkpoint at the next safe point (after the current step, or at once from an evaluation or a wait for data,
+    which are dropped), so --resume loses nothing. A second signal ends the process at once, keeping the last whole
+    checkpoint. One process only: under torchrun the ranks would not agree on the step, and the last evaluation's
+    checkpoint is what --resume continues."""
 
     def __init__(self, enabled):
-        self.requested, self.previous = None, {}
+        self.requested, self.previous, self.immediate = None, {}, False
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+            print(f"{name} again: stopping now; the last checkpoint is kept", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)  # at once: no thread (an NCA batch being made) is waited for
+        self.requested = name
+        print(f"{name}: stopping at the next safe point, with a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+        if self.immediate:
+            raise StopRequested(name)
+
+    @contextmanager
+    def interruptible(self):
+        """Inside, a stop request raises StopRequested at once: for work whose result may be dropped."""
+        if self.requested:
+            raise StopRequested(self.requested)
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
 
     def restore(self):
         for sig, handler in self.previous.items():

@@ -1295,6 +1295,70 @@ def test_resume_after_sigkill_or_sigterm_equals_the_uninterrupted_run(tmp_path, 
             assert a["val_loss"] == b["val_loss"] and a["train_loss"] == b["train_loss"], (sig.name, a["iter"])
 
 
+def start_and_wait_for(flags, text, env=None):
+    """Start train.py with flags; return the process once its stdout has printed a line holding text."""
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    for line in proc.stdout:
+        if text in line:
+            return proc
+    raise AssertionError(f"train.py ended without printing {text!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_a_stop_during_a_long_evaluation_is_honoured_in_seconds_and_resumed(tmp_path, tiny_data, monkeypatch, capsys):
+    """SIGTERM 0.2 s into an evaluation of 3,000 batches: the evaluation is dropped, a checkpoint is saved at once, and
+    --resume makes the evaluation again."""
+    flags = run_flags(tmp_path, tiny_data, "--stage", "pretrain", "--pretrain_iters", "20", "--eval_interval", "10")
+    sent, estimate_loss = [], train.estimate_loss
+
+    def signalled(*args):  # the signal comes from another thread, as from another process, while this one evaluates
+        if not sent:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            sent.append(time.time())
+        return estimate_loss(*args)
+    monkeypatch.setattr(train, "estimate_loss", signalled)
+    with pytest.raises(SystemExit, match="SIGTERM: stopped at iteration 0 of pretrain and saved"):
+        train.main(flags + ["--eval_iters", "3000"])
+    assert time.time() - sent[0] < 5
+    assert "SIGTERM: stopping at the next safe point" in capsys.readouterr().err
+    log_path = tmp_path / "out" / "pretrain" / "log.jsonl"
+    assert read_log(log_path) == []  # the evaluation was dropped ...
+    train.main(flags + ["--resume"])  # ... and is made on --resume (--eval_iters may change)
+    assert [r["iter"] for r in read_log(log_path)] == [0, 10, 20]
+
+
+def test_a_stop_while_the_nca_stream_searches_a_narrow_band_is_honoured_in_seconds(tmp_path, tiny_data):
+    flags = run_flags(tmp_path, tiny_data, "--stage", "prepretrain", "--prepretrain_iters", "20")
+    flags[flags.index("--band") + 1:flags.index("--band") + 3] = ["0.3", "0.3001"]  # rules that pass are rare
+    proc = start_and_wait_for(flags, "== prepretrain")
+    time.sleep(1.0)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 5 and proc.returncode == 1, stderr
+    assert "SIGTERM: stopping at the next safe point" in stderr and "Traceback" not in stderr
+
+
+STOP_TWICE = """
+import os, signal, time, safety
+stop = safety.StopSignal(enabled=True)
+os.kill(os.getpid(), signal.SIGINT)
+print("first: requested", stop.requested, flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("not stopped")
+"""
+
+
+def test_a_second_stop_request_ends_the_process_at_once_without_a_traceback():
+    result = subprocess.run([sys.executable, "-c", STOP_TWICE], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout == "first: requested SIGINT\n" and result.returncode == 128 + signal.SIGINT
+    assert result.stderr.splitlines() == [
+        "SIGINT: stopping at the next safe point, with a checkpoint (send it again to stop at once)",
+        "SIGINT again: stopping now; the last checkpoint is kept"]
+
+
 # the first 20 iterations of a tiny run (bytes-level Dyck corpus, arith task): [iteration, train loss, val loss] at
 # every evaluation. The fine-tuning validation losses are per target token over all batches (padded batches hold
 # different numbers of targets), no longer a mean of batch means
@@ -2293,7 +2357,7 @@ def test_prefetched_nca_batches_and_their_resume_state_match_the_plain_stream():
     plain, ahead = data(False), data(True)
     for _ in range(3):
         assert torch.equal(plain.get_batch("train")[0], ahead.get_batch("train")[0])
-    ahead.prefetch.ahead.result()  # the 4th batch is made ahead (as during a training step) ...
+    ahead.prefetch.wait()  # the 4th batch is made ahead (as during a training step) ...
     state = ahead.state_dict()  # ... but the state taken now must be the one after 3 batches
     expected = [plain.get_batch("train")[0] for _ in range(2)]
     assert [torch.equal(ahead.get_batch("train")[0], e) for e in expected] == [True, True]

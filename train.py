@@ -45,8 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 import nca
 import safety
 from runtime import RANK_SEED_STRIDE, Dist, Meter, Prefetch, rng_state, set_rng_state, setup_distributed, to_device
-from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, get_tokenizer, load_pairs, prepare_command,
-                         prepared)
+from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, Progress, get_tokenizer, load_pairs,
+                         prepare_command, prepared)
 from eval import probe
 from model import GPT, GROUPS, ModelConfig, freeze_groups, transfer
 from safety import arg
@@ -148,7 +148,10 @@ class Data:
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
 
-    def close(self):
+    def ready(self):
+        """Wait until the next training batch can be taken (made ahead in a thread: NCA)."""
+
+    def close(self, wait=True):
         pass
 
 
@@ -167,11 +170,15 @@ class NCAData(Data):
         val = [rank_rows(self.shuffled(*held_out.next_batch()), rank, world) for _ in range(cfg.eval_iters)]
         self.val = [batch for batch in val if batch is not None]
         # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
-        self.prefetch = Prefetch(lambda: (self.stream.state_dict(), self.shuffled(*self.stream.next_batch())),
+        self.prefetch = Prefetch(lambda: self.shuffled(*self.stream.next_batch()), self.stream.state_dict,
                                  cfg.device) if cfg.nca_prefetch else None
 
     def get_batch(self, split):
         return self.prefetch.next() if self.prefetch else self.shuffled(*self.stream.next_batch())
+
+    def ready(self):
+        if self.prefetch:
+            self.prefetch.wait()
 
     def shuffled(self, x, y):
         """For nca-shuffled: the patch tokens of each sequence permuted (nca.shuffle_patches), targets re-made."""
@@ -189,12 +196,12 @@ class NCAData(Data):
 
     def load_state_dict(self, state):
         if self.prefetch:
-            self.prefetch.drop()  # the thread finishes before the stream is rewound
+            self.prefetch.close()  # the thread finishes before the stream is rewound
         self.stream.load_state_dict(state)
 
-    def close(self):
+    def close(self, wait=True):
         if self.prefetch:
-            self.prefetch.close()  # a finished stage must not go on simulating, nor keep its batch alive
+            self.prefetch.close(wait)  # a finished stage must not go on simulating, nor keep its batch alive
 
 
 class TokenData(Data):
@@ -296,17 +303,18 @@ def lr_at(run, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, autocast, ddp=Dist()):
+def estimate_loss(model, data, autocast, ddp=Dist(), progress=lambda message: None):
     """The loss per target token over the fixed validation batches (the same ones every time, so curves are
     comparable): every rank sums its share, the sums and counts are added across ranks, so the number does not depend
     on the number of processes."""
     model.eval()
     loss_sum, targets = 0.0, 0
-    for x, y in data.val:
+    for i, (x, y) in enumerate(data.val):
         with autocast:
             loss = model(x, y)[1]  # the mean over the batch's targets
         count = int((y != -1).sum())
         loss_sum, targets = loss_sum + loss.item() * count, targets + count
+        progress(f"evaluating: batch {i + 1:,} of {len(data.val):,}")
     model.train()
     return ddp.sum(loss_sum) / ddp.sum(targets)
 
@@ -381,7 +389,7 @@ class Stage:
     prior_tokens: int = 0  # tokens of the stages before, for the compute-matched comparison
     best_val_loss: float = math.inf
     start_iter: int = 0
-    resumed: bool = False
+    last_logged: int = -1  # the iteration of the last log record: an evaluation already made
     train_model: torch.nn.Module = None
     ddp_model: torch.nn.Module = None
     autocast: object = None
@@ -405,11 +413,12 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     if resume is None and init_path:  # the previous stage's checkpoint (or --init_from)
         init = safety.load_checkpoint(init_path, "--init_from ")
     max_iters, base_lr = getattr(cfg, f"{stage}_iters"), getattr(cfg, f"{stage}_lr")
-    if resume is not None and resume["iter_num"] >= max_iters:
-        print(f"== {stage}: already complete in {ckpt_path}, skipping")
-        if ddp.master:
-            safety.trim_log(log_path, resume["iter_num"])
-        return None
+    last_logged = -1  # the iteration of the log's last record
+    if resume is not None:  # the log cut back to the checkpoint (rank 0's file, rank 0's word)
+        last_logged = ddp.share(safety.trim_log(log_path, resume["iter_num"]) if ddp.master else None)
+        if resume["iter_num"] >= max_iters and last_logged == resume["iter_num"]:
+            print(f"== {stage}: already complete in {ckpt_path}, skipping")
+            return None
     tokenizer = (resume or init or {}).get("data", {}).get("tokenizer")
     if stage == "finetune" and tokenizer is None:  # from scratch: the pre-training corpus's tokenizer
         tokenizer = prepared(cfg.data_dir, cfg.pretrain_data, "tokens")[1]["tokenizer"]
@@ -430,7 +439,7 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     model.to(cfg.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, base_lr, (cfg.beta1, cfg.beta2),
                                            torch.device(cfg.device).type)
-    run = Stage(stage, model, optimizer, data, max_iters, base_lr, ckpt_path, log_path)
+    run = Stage(stage, model, optimizer, data, max_iters, base_lr, ckpt_path, log_path, last_logged=last_logged)
     # mixed precision: autocast to cfg.dtype; float16 also scales the loss (GradScaler), whose scale is saved
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     device_type = torch.device(cfg.device).type
@@ -448,9 +457,6 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
         run.iter_num = run.start_iter = resume["iter_num"]
         run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
                                                                 resume["best_val_loss"])
-        run.resumed = True
-        if ddp.master:
-            safety.trim_log(log_path, run.iter_num)
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
         with open(os.path.join(stage_dir, "config.json"), "w") as f:  # its settings, readable without torch
@@ -485,7 +491,7 @@ def save(run, cfg, nca_cfg, ddp):
 def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
     """Validation loss on the fixed batches, one log record, then the checkpoint it describes. The record is written
     first: a kill between the two leaves a record past the checkpoint, which --resume drops and makes again."""
-    val_loss = estimate_loss(run.model, run.data, run.autocast, ddp)
+    val_loss = estimate_loss(run.model, run.data, run.autocast, ddp, Progress())  # a line every 10 s
     run.best_val_loss = min(run.best_val_loss, val_loss)
     print(f"iter {run.iter_num}: val loss {val_loss:.4f} (best {run.best_val_loss:.4f})", flush=True)
     if not math.isfinite(val_loss):
@@ -496,6 +502,7 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
             "iter": run.iter_num, "tokens": run.tokens_seen, "prior_tokens": run.prior_tokens,
             "lr": lr_at(run, cfg), "train_loss": train_loss, "val_loss": val_loss, "elapsed": elapsed,
             **probe_context(run, cfg)})
+    run.last_logged = run.iter_num
     if run.iter_num > run.start_iter:
         save(run, cfg, nca_cfg, ddp)
 
@@ -529,42 +536,53 @@ def forward_backward(run, ddp):
 
 
 def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
-    """Train one stage; returns its checkpoint path and what was measured (Meter.summary)."""
+    """Train one stage; returns its checkpoint path and what was measured (Meter.summary). Ctrl-C or SIGTERM stops it
+    at the next safe point with a checkpoint (safety.StopSignal)."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     os.makedirs(stage_dir, exist_ok=True)
-    run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
-    if run is None:
-        return os.path.join(stage_dir, "ckpt.pt"), {}
-    # DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it can split the graph
-    # at DDP's gradient buckets and the all-reduce overlaps the backward pass
-    device_type = torch.device(cfg.device).type
-    run.train_model = run.model
-    if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
-        run.train_model = run.ddp_model = DistributedDataParallel(
-            run.model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
-    if cfg.compile:
-        run.train_model = torch.compile(run.train_model)
-    meter, stop, loss = Meter(run), safety.StopSignal(enabled=ddp.world == 1), None
+    stop = safety.StopSignal(enabled=ddp.world == 1)
+    try:
+        with stop.interruptible():  # making the data may take long (an NCA pool); nothing to save yet
+            run = setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
+        if run is None:
+            return os.path.join(stage_dir, "ckpt.pt"), {}
+        # DDP averages gradients across the ranks during backward; torch.compile wraps DDP, so it can split the
+        # graph at DDP's gradient buckets and the all-reduce overlaps the backward pass
+        run.train_model = run.model
+        if ddp.world > 1:  # the rotary tables are derived, identical on every rank: no buffer sync in forward
+            run.train_model = run.ddp_model = DistributedDataParallel(
+                run.model, device_ids=[ddp.local_rank] if torch.device(cfg.device).type == "cuda" else None,
+                forward_sync_buffers=False)
+        if cfg.compile:
+            run.train_model = torch.compile(run.train_model)
+        return train_loop(run, cfg, nca_cfg, ddp, stop)
+    except safety.StopRequested:
+        raise SystemExit(f"{stop.requested}: stopped before {stage} began; nothing to save") from None
+    finally:
+        stop.restore()
+
+
+def train_loop(run, cfg, nca_cfg, ddp, stop):
+    """Optimizer steps until max_iters, evaluating and saving every eval_interval iterations and at the end."""
+    meter, loss = Meter(run), None
     try:
         while True:
-            # evaluate and save every eval_interval iterations and at the end (not at the step resumed from)
-            if run.iter_num == run.max_iters or (run.iter_num % cfg.eval_interval == 0 and
-                                                 (run.iter_num > run.start_iter or not run.resumed)):
-                evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
+            if (run.iter_num == run.max_iters or run.iter_num % cfg.eval_interval == 0) and \
+                    run.iter_num != run.last_logged:  # (not again at an iteration resumed from)
+                with stop.interruptible():  # a stop drops the evaluation; --resume makes it again
+                    evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
             if run.iter_num >= run.max_iters:
                 break
-            if stop.requested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
-                save(run, cfg, nca_cfg, ddp)
-                raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {stage} and saved "
-                                 f"{run.ckpt_path}; continue with the same command and --resume")
+            with stop.interruptible():  # the next batch may take long to make (NCA with a narrow band)
+                run.data.ready()
             t_step, lr = time.time(), lr_at(run, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             loss, tokens, data_time = forward_backward(run, ddp)
             if not math.isfinite(loss):
-                raise RuntimeError(f"{stage}: training loss is {loss} at iteration {run.iter_num}; stopping "
+                raise RuntimeError(f"{run.name}: training loss is {loss} at iteration {run.iter_num}; stopping "
                                    f"without saving. {safety.kept_checkpoint(run.ckpt_path)}; try a lower "
-                                   f"--{stage}_lr")
+                                   f"--{run.name}_lr")
             if cfg.grad_clip > 0:
                 run.scaler.unscale_(run.optimizer)
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
@@ -576,11 +594,14 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
             meter.step(time.time() - t_step, tokens, data_time)
             if run.iter_num % cfg.log_interval == 0:
                 meter.log_line(loss, lr)
+    except safety.StopRequested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
+        save(run, cfg, nca_cfg, ddp)
+        raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {run.name} and saved "
+                         f"{run.ckpt_path}; continue with the same command and --resume") from None
     finally:
-        stop.restore()
-        run.data.close()
+        run.data.close(wait=stop.requested is None)  # a stopping process does not wait for a batch being made
     stats = meter.summary()
-    print(f"== {stage} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
+    print(f"== {run.name} done in {stats['seconds'] / 60:.1f} min: best val loss {run.best_val_loss:.4f}, "
           f"{stats['tokens_per_s']:,.0f} tok/s, waiting for data {stats['data_wait']:.1%} of the time, "
           f"checkpoint {run.ckpt_path}")
     return run.ckpt_path, stats
