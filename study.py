@@ -9,6 +9,7 @@ size). None of it is needed to train; STUDY.md shows what each command printed.
   python study.py compare --runs 'out/study/*' --baseline scratch   # <arm>_seed<k> runs -> table and plot
   python study.py probes --runs 'out/study/*' --out probe_vs_gain.png # in-context probe against the stage-2 gain
   python study.py size --runs 'out/study/*_seed*' --out size.png     # the gain against parameters, every width
+  python study.py carried --runs 'out/study/*-w256_seed*'            # the gain by what stage 2 carried of stage 1
 """
 import argparse
 import glob
@@ -491,7 +492,7 @@ def size_rows(run_dirs, families, baseline="scratch"):
         if (params, seed) not in base:
             print(f"left out {run}: no {baseline} run of width {width} and seed {seed} to pair it with")
             continue
-        rows.append({"family": family, "width": width, "params": params, "seed": seed,
+        rows.append({"family": family, "width": width, "params": params, "seed": seed, "loss": loss,
                      "gain": loss - base[params, seed]})
     if not rows:
         raise ValueError(f"--runs: no run of {', '.join(families)} has a {baseline} twin of its width and seed")
@@ -553,6 +554,68 @@ def run_size_command(args):
     return table
 
 
+# what carries the transfer: the stage-1 model with parts re-initialised before stage 2 (study.sh's component arms)
+CARRIED = {"nca-mlp-only": "MLP", "nca-attention-only": "attention", "nca": "attention + MLP"}  # besides norms
+
+
+def carried_table(rows, baseline):
+    """Per width: the baseline's final loss, then each arm's: loss, loss - baseline of the same seed (lower in),
+    per seed, paired t and p."""
+    lines = []
+    for width in sorted({r["width"] for r in rows}):
+        here = [r for r in rows if r["width"] == width]
+        base = {r["seed"]: r["loss"] - r["gain"] for r in here}  # the baseline's final loss, by seed
+        lines += [f"Width {width} ({here[0]['params']:,} parameters), {baseline} (nothing carried): final loss "
+                  f"{mean_std(list(base.values()), 4)} over {len(base)} seeds", "",
+                  f"| carried into stage 2 | arm | seeds | final loss | loss - {baseline}, same seed (lower in) | "
+                  f"per seed | paired t | two-sided p |", "|" + " --- |" * 8]
+        for family, what in CARRIED.items():
+            arm = sorted((r for r in here if r["family"] == family), key=lambda r: r["seed"])
+            if not arm:
+                continue
+            gains, test = [r["gain"] for r in arm], paired_t([r["gain"] for r in arm])
+            lines.append(f"| {what} | {family}-w{width} | {len(arm)} | {mean_std([r['loss'] for r in arm], 4)} | "
+                         f"{mean_std(gains, 4, signed=True)} ({sum(g < 0 for g in gains)}/{len(gains)}) | "
+                         f"{' '.join(f'{g:+.3f}' for g in gains)} | " +
+                         (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_carried(rows, out, baseline):
+    """One panel per width: the stage-2 gain over the baseline by what was carried, every seed a point (the same seed
+    joined across arms), with the mean and std."""
+    plt = pyplot()
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths), 4), squeeze=False, sharey=True)
+    for ax, width in zip(axes[0], widths):
+        here = [r for r in rows if r["width"] == width]
+        for seed in sorted({r["seed"] for r in here}):
+            points = [(i + 1, r["gain"]) for i, family in enumerate(CARRIED) for r in here
+                      if r["family"] == family and r["seed"] == seed]
+            ax.plot(*zip((0, 0.0), *points), color="grey", alpha=0.4, lw=0.8, marker="o", markersize=4)
+        for i, family in enumerate(CARRIED, start=1):
+            gains = [r["gain"] for r in here if r["family"] == family]
+            if gains:
+                ax.errorbar(i + 0.12, np.mean(gains), yerr=np.std(gains, ddof=1) if len(gains) > 1 else 0,
+                            color=f"C{i}", marker="D", capsize=4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(CARRIED) + 1), ["nothing\n(scratch)", *[w.replace(" + ", "\n+ ") for w in
+                                                                         CARRIED.values()]])
+        ax.set_title(f"width {width} ({here[0]['params'] / 1e6:.1f}M parameters)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"final stage-2 loss - {baseline}, same seed\n(below 0: stage 1 helped)")
+    save_figure(fig, out)
+
+
+def run_carried(args):
+    rows = size_rows(finished_runs(expand_runs(args.runs), ["pretrain"]), list(CARRIED), args.baseline)
+    table = carried_table(rows, args.baseline)
+    print(table)
+    plot_carried(rows, args.out, args.baseline)
+    return table
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -586,6 +649,11 @@ def main(argv=None):
     sub.add_argument("--arms", nargs="+", default=("nca", "dyck"), help="stage-1 arms to draw (without -w<width>)")
     sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, by width and seed")
     sub.add_argument("--out", default="size.png", help="where to write the figure")
+    sub = commands.add_parser("carried", help="the stage-2 gain by what stage 2 carried of stage 1, per width")
+    sub.add_argument("--runs", nargs="+", required=True, help="run folders (nca-w256_seed0, nca-mlp-only-w256_seed0, "
+                                                              "scratch-w256_seed0, ...) or glob patterns")
+    sub.add_argument("--baseline", default="scratch", help="the arm every run is paired with, by width and seed")
+    sub.add_argument("--out", default="carried.png", help="where to write the figure")
     args = parser.parse_args(argv)
     try:
         if args.command in ("demo", "stats"):
@@ -598,7 +666,8 @@ def main(argv=None):
             if any(not 0 <= q <= 1 for q in quantiles) or any(a >= b for a, b in zip(quantiles, quantiles[1:])):
                 raise ValueError(f"--quantiles must be ascending numbers in [0, 1], got {quantiles}")
             return print_stats(cfg, args.rules, args.device, quantiles)
-        return {"compare": run_compare, "probes": run_probes, "size": run_size_command}[args.command](args)
+        return {"compare": run_compare, "probes": run_probes, "size": run_size_command,
+                "carried": run_carried}[args.command](args)
     except (FileNotFoundError, ValueError) as e:  # our own messages name the flag or file and the fix
         sys.exit(f"study.py {args.command}: error: {e}")
 

@@ -2152,6 +2152,26 @@ def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys
         assert int(big[0].replace(",", "")) == GPT(ModelConfig(vocab_size=257, n_embd=64)).num_params()
 
 
+def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_path):
+    offsets = {"nca": (-0.02, -0.01, -0.03), "nca-attention-only": (-0.03, -0.02, -0.04), "nca-mlp-only": (0.01, 0.02, 0)}
+    for width, suffix in ((32, ""), (64, "-w64")):
+        for seed, base in ((0, 1.50), (1, 1.60), (2, 1.55)):
+            write_sized_run(str(tmp_path / f"scratch{suffix}_seed{seed}"), width, base)
+            for arm, offset in offsets.items():
+                write_sized_run(str(tmp_path / f"{arm}{suffix}_seed{seed}"), width, base + offset[seed])
+    out = str(tmp_path / "carried.png")
+    table = study.main(["carried", "--runs", str(tmp_path / "*_seed*"), "--out", out])
+    assert os.path.getsize(out) > 0 and table.count("Width ") == 2
+    assert "scratch (nothing carried): final loss 1.5500 ± 0.0500 over 3 seeds" in table
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| attention |")]
+    gains = offsets["nca-attention-only"]
+    losses = [base + gain for base, gain in zip((1.50, 1.60, 1.55), gains)]
+    assert rows[0][:6] == ["attention", "nca-attention-only-w32", "3", study.mean_std(losses, 4),
+                           f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f} (3/3)", "-0.030 -0.020 -0.040"]
+    assert rows[1][1] == "nca-attention-only-w64" and [r[0] for r in rows] == ["attention", "attention"]
+    assert "| MLP | nca-mlp-only-w32 | 3 |" in table and "| attention + MLP | nca-w32 | 3 |" in table
+
+
 def test_size_names_a_run_without_settings(tmp_path):
     write_log(tmp_path / "nca_seed0", "pretrain", [0, 10], [2.0, 1.0])
     with pytest.raises(SystemExit, match="no .*config.json; train.py writes it"):
