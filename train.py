@@ -140,7 +140,7 @@ class Data:
     Under torchrun the ranks share one data stream: every rank draws the rows of all ranks (its generator seeded
     alike) and keeps its own block (own_rows), so together they train on the rows one process would. The validation
     set is eval_iters batches of --batch_size sequences whatever the number of processes: rank r of `world` keeps
-    rows r, r + world, ... of each (rank_rows), and estimate_loss sums over the ranks."""
+    rows r, r + world, ... of each (validation_batches), and estimate_loss sums over the ranks."""
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -167,8 +167,7 @@ class NCAData(Data):
                                     num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk, rank=rank, world=world)
         held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                  chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
-        val = [rank_rows(self.shuffled(*held_out.next_batch()), rank, world) for _ in range(cfg.eval_iters)]
-        self.val = [batch for batch in val if batch is not None]
+        self.val = validation_batches(lambda: self.shuffled(*held_out.next_batch()), cfg.eval_iters, rank, world)
         # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
         self.prefetch = Prefetch(lambda: self.shuffled(*self.stream.next_batch()), self.stream.state_dict,
                                  cfg.device) if cfg.nca_prefetch else None
@@ -217,8 +216,7 @@ class TokenData(Data):
             safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
                                     prepare_command(self.data_dir, name))
         fixed = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
-        val = [rank_rows(self.batch("val", fixed, cfg.batch_size), rank, world) for _ in range(cfg.eval_iters)]
-        self.val = [batch for batch in val if batch is not None]
+        self.val = validation_batches(lambda: self.batch("val", fixed, cfg.batch_size), cfg.eval_iters, rank, world)
 
     def batch(self, split, generator, num_rows, keep=slice(None)):
         """Windows at num_rows random starts, of which the rows `keep` are read."""
@@ -267,10 +265,15 @@ class PairData(Data):
         return self.collate([pairs[i] for i in picks])
 
 
-def rank_rows(batch, rank, world):
-    """This rank's share of a validation batch: rows rank, rank + world, ... (None if that leaves no row)."""
-    x, y = batch
-    return (x[rank::world], y[rank::world]) if len(x) > rank else None
+def validation_batches(make, count, rank, world):
+    """This rank's share of `count` validation batches made by make(): rows rank, rank + world, ... of each."""
+    batches, progress = [], Progress()
+    for i in range(count):
+        x, y = make()
+        if len(x) > rank:
+            batches.append((x[rank::world], y[rank::world]))
+        progress(f"validation set: batch {i + 1:,} of {count:,}")  # a line every 10 s
+    return batches
 
 
 def make_data(stage, cfg, nca_cfg, block_size, tokenizer, ddp):
