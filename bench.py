@@ -11,9 +11,7 @@ runs every GPU path of the project at a small size. None of it is needed to trai
 The memory estimate that train.py checks before a run is safety.estimate_memory.
 """
 import argparse
-import contextlib
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -23,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
 
 import torch
 
@@ -51,80 +48,50 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def reference_patch_ids(frames, cfg):
-    """nca.patch_ids as it was: tiles by reshape and transpose, then a sum over their last axis of p*p digits."""
-    *lead, H, W = frames.shape
-    p, n = cfg.patch, cfg.grid // cfg.patch
-    digits = frames.reshape(*lead, n, p, n, p).transpose(-3, -2).reshape(*lead, n * n, p * p)
-    return (digits * cfg.num_colors ** torch.arange(p * p, device=frames.device)).sum(dim=-1)
-
-
-@contextlib.contextmanager
-def engine(reference):
-    """nca as it is, or (reference=True) the previous engine: nca.step(fast=False) and reference_patch_ids. Both give
-    the same streams bit for bit (test_smoke.py checks it), so their speed ratio is the gain of the fast paths."""
-    previous = dict(step=functools.partial(nca.step, fast=False), patch_ids=reference_patch_ids)
-    with mock.patch.multiple(nca, **previous) if reference else contextlib.nullcontext():
-        yield
-
-
-def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0, reference=False):
+def measure_throughput(cfg, device, batch_size=64, seq_len=1024, seconds=10.0, chunk=0):
     """Tokens per second, raw (simulate and tokenize, no filter) and filtered (everything the training loop would
     wait for: rejection sampling with gzip included), and the gzip filter alone in rules per second."""
     chunk, frames = chunk or nca.default_chunk(device), math.ceil((seq_len + 1) / cfg.frame_len)
     seeds = torch.arange(chunk, device=device)
-    with engine(reference):
-        def raw_chunk(offset):  # simulate and tokenize one chunk of rules, no filter
-            grid, rules = nca.initial_grids(seeds + offset, cfg), nca.sample_rules(seeds + offset, cfg.num_colors)
-            frames_out = nca.rollout(grid, rules, seeds, 0, frames, cfg, skip=cfg.burn_in)[0]
-            return nca.encode(frames_out, cfg)[:, :seq_len].numel()
-        raw_chunk(0)  # warm up
-        raw_tokens, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 4:
-            raw_tokens += raw_chunk(raw_tokens)
-        synchronize(device)
-        raw = raw_tokens / (time.perf_counter() - t0)
+    def raw_chunk(offset):  # simulate and tokenize one chunk of rules, no filter
+        grid, rules = nca.initial_grids(seeds + offset, cfg), nca.sample_rules(seeds + offset, cfg.num_colors)
+        frames_out = nca.rollout(grid, rules, seeds, 0, frames, cfg, burn_in=cfg.burn_in)[0]
+        return nca.encode(frames_out, cfg)[:, :seq_len].numel()
+    raw_chunk(0)  # warm up
+    raw_tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 4:
+        raw_tokens += raw_chunk(raw_tokens)
+    synchronize(device)
+    raw = raw_tokens / (time.perf_counter() - t0)
 
-        ids = nca.patch_ids(nca.score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
-        gzipped, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 8:
-            nca.gzip_ratio(ids)
-            gzipped += len(ids)
-        gzip_rules = gzipped / (time.perf_counter() - t0)
+    ids = nca.patch_ids(nca.score_rules(seeds, seeds, cfg)[1], cfg).cpu()  # one chunk's scoring frames
+    gzipped, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 8:
+        nca.gzip_ratio(ids)
+        gzipped += len(ids)
+    gzip_rules = gzipped / (time.perf_counter() - t0)
 
-        stream = nca.NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
-        stream.next_batch()  # warm up
-        tokens, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            x, _ = stream.next_batch()
-            tokens += x.numel()
-        synchronize(device)
+    stream = nca.NCAStream(cfg, batch_size, seq_len, seed=0, device=device, chunk=chunk)
+    stream.next_batch()  # warm up
+    tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, _ = stream.next_batch()
+        tokens += x.numel()
+    synchronize(device)
     acceptance = stream.accepted / stream.tried
     return {"raw": raw, "filtered": tokens / (time.perf_counter() - t0), "acceptance": acceptance,
             "rules_tried": stream.tried, "gzip_rules": gzip_rules, "gzip_ceiling": gzip_rules * acceptance * seq_len,
             "chunk": chunk}
 
 
-def bench_nca(cfg, device, seconds=10.0, chunk=0, rounds=2):
-    """The paper's sequence length (1024), this engine and the previous one (engine(reference=True)) in turn, `rounds`
-    times each for seconds / rounds, so that machine noise hits both alike; prints tokens_per_s=<filtered tokens/s>
-    last."""
-    runs = {False: [], True: []}
-    for i in range(rounds):
-        for reference in (False, True) if i % 2 == 0 else (True, False):  # ABBA: a drift of the machine hits both
-            runs[reference].append(measure_throughput(cfg, device, seq_len=1024, seconds=seconds / rounds,
-                                                      chunk=chunk, reference=reference))
-    speed, ref = ({k: sum(r[k] for r in runs[reference]) / rounds for k in ("raw", "filtered", "gzip_rules",
-                                                                             "gzip_ceiling", "acceptance")}
-                  for reference in runs)
+def bench_nca(cfg, device, seconds=10.0, chunk=0):
+    """The stream at the paper's sequence length (1024); prints tokens_per_s=<filtered tokens/s> last."""
+    speed = measure_throughput(cfg, device, seq_len=1024, seconds=seconds, chunk=chunk)
     print(f"raw (unfiltered) {speed['raw']:,.0f} tokens/s; filtered: acceptance {speed['acceptance']:.2f} "
-          f"({sum(r['rules_tried'] for r in runs[False]):,} rules tried), device {device}, "
-          f"{runs[False][0]['chunk']} rules per chunk, {torch.get_num_threads()} threads")
+          f"({speed['rules_tried']:,} rules tried), device {device}, {speed['chunk']} rules per chunk, "
+          f"{torch.get_num_threads()} threads")
     print(f"gzip filter alone: {speed['gzip_rules']:,.0f} rules/s on the CPU, a ceiling of "
           f"{speed['gzip_ceiling']:,.0f} filtered tokens/s (more threads: OMP_NUM_THREADS)")
-    print(f"previous engine (bench.engine(reference=True)), measured in turn: filtered {ref['filtered']:,.0f} "
-          f"tokens/s, raw {ref['raw']:,.0f}; this engine is {speed['filtered'] / ref['filtered']:.2f}x filtered, "
-          f"{speed['raw'] / ref['raw']:.2f}x raw")
     print(f"tokens_per_s={speed['filtered']:.0f}")
 
 
@@ -349,12 +316,12 @@ def main(argv=None):
     parser = ArgumentParser(prog=f"bench.py {command}", description=commands[command])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     if command == "nca":
-        nca.add_config_flags(parser)
+        safety.add_nca_flags(parser)
         parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
         parser.add_argument("--seconds", type=float, default=10.0, help="how long to measure the filtered stream")
         args = parser.parse_args(rest)
         try:
-            cfg = nca.config_from_args(args)
+            cfg = safety.nca_config(args)
             if args.chunk < 0 or not args.seconds > 0:
                 raise ValueError(f"--chunk must be >= 0 (0 picks by device) and --seconds > 0, got {args.chunk} and "
                                  f"{args.seconds}")

@@ -21,16 +21,17 @@ Usage:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import safety
-from safety import arg
-
 GROUPS = ("embedding", "head", "attention", "mlp", "norm")  # component groups for the transfer study
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})  # a config field with its --help text
 
 
 @dataclass
@@ -171,7 +172,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        safety.check_model_config(config)
+        if config.n_embd % (2 * config.n_head):  # train.py's flags are checked first, by safety.check_model_config
+            raise ValueError(f"n_embd={config.n_embd} must be a multiple of 2 * n_head = {2 * config.n_head}: every "
+                             f"head gets n_embd/n_head channels, and RoPE rotates them in pairs")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -303,6 +306,24 @@ def freeze_groups(model, groups):
             param.requires_grad_(False)
 
 
+def likely_cause(state_dict, config, reinit):
+    """Why a checkpoint does not fit a model config, for transfer's messages: the shapes its tensors imply."""
+    def size(name):
+        return state_dict[name].shape[0] if name in state_dict else None
+    old = {"n_layer": len({k.split(".")[1] for k in state_dict if k.startswith("layers.")}) or None,
+           "n_embd": size("norm.weight"), "hidden_dim": size("layers.0.mlp.gate_proj.weight"),
+           "vocab_size": None if {"embedding", "head"} <= set(reinit) else size("embed_tokens.weight")}  # new vocab
+    new = {"n_layer": config.n_layer, "n_embd": config.n_embd, "hidden_dim": config.hidden_dim,
+           "vocab_size": config.vocab_size}
+    differ = [f"{k} differs between the checkpoint ({old[k]}) and the new config ({new[k]})"
+              for k in old if old[k] is not None and old[k] != new[k]]
+    if any(k.startswith("_orig_mod.") for k in state_dict):
+        differ.append("the checkpoint was saved from a torch.compile'd model (\"_orig_mod.\" prefixes)")
+    if old["hidden_dim"] not in (None, new["hidden_dim"]) and old["n_embd"] == new["n_embd"]:
+        differ.append("the MLP width depends on --multiple_of too")
+    return "; ".join(differ) or "the checkpoint does not come from this model.py"
+
+
 def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), log=print) -> GPT:
     """Build GPT(new_config) and copy in every tensor of state_dict whose group is not in reinit.
 
@@ -315,26 +336,20 @@ def transfer(state_dict, new_config, reinit=("embedding", "head"), freeze=(), lo
             raise ValueError(f"unknown group(s) {unknown} in {what}; valid groups are {', '.join(GROUPS)}")
     model = GPT(new_config)
     params = dict(model.named_parameters())
-    for name in state_dict:
-        if name not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the new model; likely cause: "
-                             f"{safety.likely_cause(state_dict, new_config, reinit)}")
+    kept = [name for name in params if param_group(name) not in reinit]
+    misfits = [f"checkpoint tensor {n!r} has no place in the new model" for n in state_dict if n not in params] + \
+        [f"parameter {n!r} is missing from the checkpoint" for n in kept if n not in state_dict] + \
+        [f"parameter {n!r} has shape {tuple(state_dict[n].shape)} in the checkpoint but {tuple(params[n].shape)} in "
+         f"the new model" for n in kept if n in state_dict and state_dict[n].shape != params[n].shape]
+    if misfits:
+        raise ValueError(f"{misfits[0]}; likely cause: {likely_cause(state_dict, new_config, reinit)}")
     counts = {g: [0, 0] for g in GROUPS}  # group -> [tensors, parameters]
     with torch.no_grad():
         for name, param in params.items():
-            group = param_group(name)
-            counts[group][0] += 1
-            counts[group][1] += param.numel()
-            if group in reinit:
-                continue
-            if name not in state_dict:
-                raise ValueError(f"parameter {name!r} is missing from the checkpoint; likely cause: "
-                                 f"{safety.likely_cause(state_dict, new_config, reinit)}")
-            if state_dict[name].shape != param.shape:
-                raise ValueError(f"parameter {name!r} has shape {tuple(state_dict[name].shape)} in the checkpoint "
-                                 f"but {tuple(param.shape)} in the new model; likely cause: "
-                                 f"{safety.likely_cause(state_dict, new_config, reinit)}")
-            param.copy_(state_dict[name])
+            counts[param_group(name)][0] += 1
+            counts[param_group(name)][1] += param.numel()
+            if name in kept:
+                param.copy_(state_dict[name])
     freeze_groups(model, freeze)
 
     def describe(groups):

@@ -3,16 +3,18 @@
 Every training sequence is rolled out from its own randomly drawn rule, so predicting the next token means
 inferring that hidden rule in context. Read this file top to bottom:
 
-  1. NCAConfig         the knobs (grid, alphabet, patch size, temperature, gzip band ...), checked up front
-  2. random numbers    counter-based: a rule is a pure function of its seed, whatever batch it is drawn in
-  3. rules             a tiny random conv net per rule, simulated for thousands of rules in one tensor program
-  4. tokens            2x2 patches -> one id each, every frame wrapped in START ... END
-  5. gzip filter       keep rules whose rollouts compress neither too well (dead) nor too badly (noise)
-  6. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full;
+  1. NCAConfig         the knobs (grid, alphabet, patch size, temperature, gzip band ...)
+  2. the rule          one rule and its rollout as the paper writes them: conv3x3, conv1x1, ReLU, conv1x1, sampling
+  3. tokens            2x2 patches -> one id each, every frame wrapped in START ... END
+  4. gzip filter       keep rules whose rollouts compress neither too well (dead) nor too badly (noise)
+  5. random numbers    counter-based: a rule is a pure function of its seed, whatever batch it is drawn in
+  6. the engine        the rule of section 2 for thousands of rules in one tensor program, the same states
+  7. NCAStream         (x, y) training batches for train.py, with rejection sampling until the batch is full;
                        a pure function of (seed, config) whatever the chunk or device, its state a few integers
 
-Used by train.py (NCAStream) and eval.py; the tools beside it: `python study.py demo` draws rollouts by gzip band,
-`python study.py stats` prints gzip statistics, `python bench.py nca` measures the stream's speed.
+Used by train.py (NCAStream) and eval.py; safety.py makes NCAConfig's flags and checks them. The tools beside it:
+`python study.py demo` draws rollouts by gzip band, `python study.py stats` prints gzip statistics, `python bench.py
+nca` measures the stream's speed. Needs only torch and numpy: copy it anywhere.
 
   stream = NCAStream(NCAConfig(), batch_size=16, seq_len=1024, seed=0)
   x, y = stream.next_batch()        # (16, 1024) token ids each; y is x shifted by one, the first frame masked (-1)
@@ -21,14 +23,16 @@ import functools
 import math
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import safety
-from safety import arg  # a dataclass field with its --help text
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})  # a config field with its --help text
+
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -52,26 +56,143 @@ class NCAConfig:
     end_token = property(lambda self: self.start_token + 1)
     vocab_size = property(lambda self: self.start_token + 2)
 
-    def validate(self):
-        return safety.check_nca_config(self)  # a message that names the flag and the fix, before any work
+
+# -----------------------------------------------------------------------------
+# 2. The rule, as the paper writes it
+# A rule is a per-cell network on the one-hot grid of C states: a 3x3 convolution C -> 4 with circular padding (the
+# grid is a torus), a 1x1 convolution 4 -> 16, ReLU, a 1x1 convolution 16 -> C: the logits of the cell's next state.
+# Its weights are LeCun-normal (std 1/sqrt(fan_in)), 614 of them for C=10; biases start at zero and rules are never
+# trained, so they are left out. Every cell samples its next state from softmax(logits / T), all cells at once. A
+# rollout runs burn_in updates, then records a frame every dT updates. This is the reference: the engine (section 6)
+# computes the same states for thousands of rules at once, and a test holds them equal.
+
+HIDDEN1, HIDDEN2, W1_QUANTUM = 4, 16, 2 ** -20
 
 
-def add_config_flags(parser):
-    """One flag per NCAConfig field (the band as --band LO HI); defaults live in the dataclass only."""
-    for f in fields(NCAConfig):
-        if f.name not in ("band_lo", "band_hi"):
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata.get("help"))
-    parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
-                        metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
+def sample_rules(rule_seeds, num_colors):
+    """Rule weights for a batch of seeds (R,), float64: w1 (R, 4, C, 3, 3) in conv layout (out, in, ky, kx), w2
+    (R, 16, 4) and w3 (R, C, 16) (out, in); and table, w1 as the engine's float32 lookup table (R, 9*C, 4). Every
+    weight is an untruncated normal with std 1/sqrt(fan_in), fan_in = 9C, 4 and 16; w1 rounded to a multiple of
+    W1_QUANTUM, so that its sums are exact (README.md, "Design notes"). The authors' code differs twice (README.md,
+    "Where we differ"): Flax's lecun_normal truncates at 2 sigma, and its first convolution sees C + 2 channels."""
+    C, R = num_colors, len(rule_seeds)
+    n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
+    z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)                   # float64
+    w1 = z[:, :n1].view(R, HIDDEN1, C, 3, 3) / math.sqrt(C * 9)                 # (out, in, ky, kx)
+    w1 = torch.round(w1 / W1_QUANTUM) * W1_QUANTUM                               # 21 bits at most
+    w2 = z[:, n1:n1 + n2].view(R, HIDDEN2, HIDDEN1) / math.sqrt(HIDDEN1)         # (out, in)
+    w3 = z[:, n1 + n2:].view(R, C, HIDDEN2) / math.sqrt(HIDDEN2)
+    table = w1.permute(0, 3, 4, 2, 1).reshape(R, 9 * C, HIDDEN1).float()        # row (ky*3 + kx)*C + state; exact
+    return {"w1": w1, "w2": w2, "w3": w3, "table": table}
 
 
-def config_from_args(args):
-    kw = {f.name: getattr(args, f.name) for f in fields(NCAConfig) if f.name not in ("band_lo", "band_hi")}
-    return NCAConfig(**kw, band_lo=args.band[0], band_hi=args.band[1]).validate()
+def plain_step(state, rule, noise_seed, t, cfg):
+    """Update t of one grid (H, W) by one rule (w1, w2, w3 of sample_rules for that rule) -> the next grid (H, W).
+    Cell n samples by inverse CDF with the uniform random_uniform(noise_seed, UPDATE_NOISE, t, n) (section 5)."""
+    (H, W), C = state.shape, cfg.num_colors
+    x = F.one_hot(state, C).permute(2, 0, 1).double()                            # (C, H, W) one-hot
+    h = F.conv2d(F.pad(x[None], (1, 1, 1, 1), mode="circular"), rule["w1"])[0]  # (4, H, W): 3x3 conv on the torus
+    h = torch.relu(rule["w2"] @ h.view(HIDDEN1, H * W))                          # (16, H*W): 1x1 conv 4 -> 16, ReLU
+    logits = rule["w3"] @ h + cfg.identity_bias * x.view(C, H * W)              # (C, H*W): 1x1 conv 16 -> C
+    if cfg.temperature > 0:
+        p = torch.softmax(logits / cfg.temperature, dim=0)                       # (C, H*W)
+    else:  # the limit T -> 0: uniform over the best states
+        p = (logits == logits.amax(dim=0)).double()
+        p = p / p.sum(dim=0)
+    u = random_uniform(noise_seed, UPDATE_NOISE, t, torch.arange(H * W))        # (H*W,) in (0, 1)
+    return (p.cumsum(dim=0) < u).sum(dim=0).view(H, W)                           # the first state whose CDF >= u
+
+
+def plain_rollout(state, rule, noise_seed, num_frames, cfg):
+    """cfg.burn_in updates of one grid (H, W), then num_frames frames cfg.dT updates apart -> (num_frames, H, W)."""
+    frames, t = [], 0
+    for i in range(num_frames):
+        for _ in range(cfg.burn_in if i == 0 else cfg.dT):
+            state, t = plain_step(state, rule, noise_seed, t, cfg), t + 1
+        frames.append(state)
+    return torch.stack(frames)
 
 
 # -----------------------------------------------------------------------------
-# 2. Counter-based random numbers
+# 3. Tokens
+# A frame is cut into p x p patches in row-major order; a patch's cells, read row-major, are the digits of its id
+# in base C (top-left is the least significant). Every frame becomes [START, patch ids..., END].
+
+def patch_ids(frames, cfg):
+    """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters. Digit i*p + j of a patch is its cell
+    (i, j): frames[..., i::p, j::p] holds that cell of every patch."""
+    p = cfg.patch
+    return sum(frames[..., i::p, j::p] * cfg.num_colors ** (i * p + j) for i in range(p) for j in range(p)).flatten(-2)
+
+
+def encode(frames, cfg):
+    """Frames (R, F, H, W) -> token ids (R, F * frame_len): every frame is [START, patches, END]."""
+    ids = patch_ids(frames, cfg)                                                  # (R, F, P)
+    start, end = (torch.full_like(ids[..., :1], token) for token in (cfg.start_token, cfg.end_token))
+    return torch.cat([start, ids, end], dim=-1).flatten(1)
+
+
+def decode(tokens, cfg):
+    """The exact inverse of encode: token ids (R, F * frame_len) -> frames (R, F, H, W)."""
+    framed, p = tokens.view(len(tokens), -1, cfg.frame_len), cfg.patch
+    if not ((framed[..., 0] == cfg.start_token).all() and (framed[..., -1] == cfg.end_token).all()):
+        raise ValueError("decode: tokens are not whole frames of [START, patches, END]")
+    ids = framed[..., 1:-1].unflatten(-1, (cfg.grid // p, -1))                    # (R, F, n, n)
+    frames = ids.new_empty(*ids.shape[:2], cfg.grid, cfg.grid)
+    for i in range(p):
+        for j in range(p):
+            frames[..., i::p, j::p] = ids // cfg.num_colors ** (i * p + j) % cfg.num_colors
+    return frames
+
+
+def shuffle_patches(tokens, cfg):
+    """The shuffled-NCA control: each row's patch tokens permuted among the row's own patch positions, START and
+    END left in place. The same tokens and frame layout, so the same token statistics, but no dynamics to infer.
+    The permutation is a pure function of the row (a hash of its tokens). tokens (R, T) -> (R, T)"""
+    position = torch.arange(tokens.shape[1], device=tokens.device)
+    row_key = hash32((tokens * (position + 1)).sum(dim=1))                        # (R,)
+    patch = tokens < cfg.start_token        # every row starts with a frame, so the same positions in every row
+    keys = random_bits(row_key[:, None], SHUFFLE, position).masked_fill(~patch, 2 ** 40)  # delimiters sort last
+    order = keys.argsort(dim=1)[:, :int(patch[0].sum())]                         # patch positions, shuffled
+    return tokens.masked_scatter(patch, tokens.gather(1, order))                 # row-major, like the mask
+
+
+# -----------------------------------------------------------------------------
+# 4. The gzip complexity filter
+# Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32, gzip
+# level 9 with its 10-byte header and 8-byte trailer; zlib's output carries a 2-byte header and 4-byte trailer instead,
+# so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module. gzip runs on the CPU
+# whatever the device (~48 us per rule), so rows are split over threads (zlib releases the GIL while it compresses),
+# as many as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
+
+gzip_pool = functools.cache(lambda threads: ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip"))
+
+
+def gzip_ratio(ids, threads=None):
+    """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
+    rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
+    threads = threads or torch.get_num_threads()
+    def compressed_sizes(part):
+        return [len(zlib.compress(row.tobytes(), 9)) + 12 for row in part]
+    parts = np.array_split(rows, max(1, min(threads, len(rows))))  # contiguous slices of rows, one per thread
+    sizes = [n for part in (gzip_pool(threads).map if len(parts) > 1 else map)(compressed_sizes, parts) for n in part]
+    return np.array(sizes) / rows.shape[1] / rows.itemsize
+
+
+def score_rules(rule_seeds, grid_seeds, cfg):
+    """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time, rule weights), so an
+    accepted rule's rollout can continue where scoring stopped: a training sequence starts with its scored frames."""
+    rules, grid = sample_rules(rule_seeds, cfg.num_colors), initial_grids(grid_seeds, cfg)
+    frames, grid, t = rollout(grid, rules, grid_seeds, 0, cfg.score_frames, cfg, burn_in=cfg.burn_in)
+    return gzip_ratio(patch_ids(frames, cfg)), frames, grid, t, rules
+
+
+def in_band(ratios, cfg):
+    return (ratios > cfg.band_lo) & (ratios < cfg.band_hi)
+
+
+# -----------------------------------------------------------------------------
+# 5. Counter-based random numbers
 # The k-th random number of a rule is a hash of (rule seed, k). So a rule, or a rollout, is a pure function of its
 # seeds: the same seed gives the same rule alone or in a batch of 4096, and a fixed pool of rules is just a list of
 # integers. All arithmetic is on int64 tensors holding 32-bit values, so it runs batched on CPU and GPU alike.
@@ -122,42 +243,13 @@ def stream_seeds(seed, stream, index, held_out=False):
     seeds = random_bits(seed, stream, index) >> 1
     return seeds + HELD_OUT if held_out else seeds
 
+
 # -----------------------------------------------------------------------------
-# 3. Rules and their simulation
-# A rule is a per-cell network on the one-hot grid: conv3x3 C->4 (circular padding), conv1x1 4->16, ReLU, conv1x1
-# 16->C logits; weights LeCun-normal (std 1/sqrt(fan_in)), 614 parameters for C=10; biases start at zero and rules are
-# never trained, so we leave them out. The input is one-hot, so the 3x3 convolution is a table lookup: each of the 9
-# neighbours contributes the 4 numbers W1[:, state, ky, kx]; W1 is stored as a table (9 * C rows of 4), 9 rows summed.
-# Precision. At temperature 1e-4 the sampled state flips when a logit moves by a hair, and float32 products move with
-# the device: on a GPU train.py turns TF32 on (10-bit mantissas in matmuls) and autocast runs bmm in bf16. With float32
-# rules, emulated TF32 rounding of the bmm inputs changed 45% of 300 rollouts and bf16 autocast 88%. So a rollout is
-# computed to be the same on any device:
-#  - W1's entries are rounded to multiples of 2^-20. Box-Muller's |z| <= 5.9 (24-bit uniforms), so |W1| < 1.4 and a
-#    sum of 9 entries is a multiple of 2^-20 below 16 = 2^24 quanta: the lookup sums are exact in float32, in any
-#    order, and the lookup (a fast float32 embedding_bag; a float64 one is ~15x slower on CPU) is not a matmul,
-#    which TF32 and autocast leave alone.
-#  - w2, w3, both bmm's, the logits and the sampling are float64: neither TF32 nor autocast touches float64 tensors,
-#    and float64 rounding (~1e-16) moves a sampling boundary by ~1e-11 at T=1e-4: a sample differs between devices
-#    only if its uniform falls that close to a boundary. On CPU this costs ~20-25% of filtered tokens/s.
-
-HIDDEN1, HIDDEN2, W1_QUANTUM = 4, 16, 2 ** -20
-
-
-def sample_rules(rule_seeds, num_colors):
-    """Rule weights for a batch of seeds (R,) -> dict of lookup table (R, 9*C, 4) (float32, multiples of
-    W1_QUANTUM), w2 (R, 16, 4) and w3 (R, C, 16) (float64). Every weight is an untruncated normal with std
-    1/sqrt(fan_in), fan_in = 9C, 4 and 16. The authors' code differs twice (see the README, "Where we differ"): Flax's
-    lecun_normal truncates at 2 sigma, and its first convolution sees C + 2 channels."""
-    C, R = num_colors, len(rule_seeds)
-    n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
-    z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)                   # float64
-    w1 = z[:, :n1].view(R, HIDDEN1, C, 3, 3) / math.sqrt(C * 9)                 # conv layout (out, in, ky, kx)
-    w2 = z[:, n1:n1 + n2].view(R, HIDDEN2, HIDDEN1) / math.sqrt(HIDDEN1)         # (out, in)
-    w3 = z[:, n1 + n2:].view(R, C, HIDDEN2) / math.sqrt(HIDDEN2)
-    table = w1.permute(0, 3, 4, 2, 1).reshape(R, 9 * C, HIDDEN1)               # row (ky*3 + kx)*C + state
-    table = (torch.round(table / W1_QUANTUM) * W1_QUANTUM).float()              # exact: 21 bits at most
-    return {"table": table.contiguous(), "w2": w2, "w3": w3}
-
+# 6. The engine: the rule of section 2 for thousands of rules at once
+# The input is one-hot, so the 3x3 convolution is a table lookup: each of the 9 neighbours contributes the 4 numbers
+# w1[:, state, ky, kx], one row of the rule's table, and embedding_bag sums 9 rows per cell. The 1x1 convolutions are
+# batched matmuls, one matrix per rule. The sums of table rows are exact and the rest is float64, so that a rollout is
+# the same on every device, with TF32 or autocast on (why: README.md, "Design notes").
 
 @functools.lru_cache(maxsize=8)
 def neighbour_index(grid, device):
@@ -168,15 +260,15 @@ def neighbour_index(grid, device):
     return torch.stack(index, dim=-1).view(grid * grid, 9).to(device)
 
 
-def rule_logits(grid, rules, num_colors, fast=True):
+def rule_logits(grid, rules, num_colors):
     """Next-state logits of every cell: (R, H, W) states -> (R, C, H*W) float64. Channels first: the reductions over
     C below then run over contiguous rows of H*W cells, several times faster on CPU than over a last axis of 10.
-    The table rows are looked up by int32 numbers (~10% faster on CPU than int64, which fast=False keeps for bench)."""
+    The table rows are looked up by int32 numbers, faster on CPU than int64."""
     R, H, W = grid.shape
-    C, index = num_colors, torch.int32 if fast else torch.int64
-    neighbours = grid.view(R, H * W).to(index)[:, neighbour_index(H, grid.device)]  # (R, H*W, 9) states
+    C = num_colors
+    neighbours = grid.view(R, H * W).int()[:, neighbour_index(H, grid.device)]   # (R, H*W, 9) states
     table_row = torch.arange(9, device=grid.device) * C + torch.arange(R, device=grid.device).view(R, 1, 1) * 9 * C
-    rows = (neighbours + table_row.to(index)).view(R * H * W, 9)                  # rows of the stacked tables
+    rows = (neighbours + table_row.int()).view(R * H * W, 9)                     # rows of the stacked tables
     h = F.embedding_bag(rows, rules["table"].view(R * 9 * C, HIDDEN1), mode="sum")  # (R*H*W, 4): the conv3x3, exact
     h = h.view(R, H * W, HIDDEN1).transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format)
     h = torch.bmm(rules["w2"], h).relu_()                                           # (R, 16, H*W)
@@ -208,10 +300,10 @@ def initial_grids(grid_seeds, cfg):
 def sample_step(logits, noise_seeds, t, temperature):
     """sample_categorical(logits, u, temperature), u the uniforms of step t, bit for bit, ~30% faster (overwrites
     logits). A cell whose best state b is the only one with d = l - best >= -31T takes b whatever u: d is the float64
-    the reference computes, so every other d / T < -30 is clamped to -30, weight w = e^-30 < 1e-13 (T = 0: l == best,
-    w = 0); the cumulative weights before b are <= C*w < 7e-9 (C < 2^16) < u * total (u >= 2^-25, total >= 1), from b
-    on >= 1 > u * total (u <= 1 - 2^-25, total <= 1 + C*w): the inverse CDF counts exactly b states. Only the other
-    cells (~2.5% at T=1e-4: ties, e.g. all 16 ReLUs 0, and near-ties) draw their u and take the reference."""
+    sample_categorical computes, so every other d / T < -30 is clamped to -30, weight w = e^-30 < 1e-13 (T = 0:
+    l == best, w = 0); the cumulative weights before b are <= C*w < 7e-9 (C < 2^16) < u * total (u >= 2^-25, total
+    >= 1), from b on >= 1 > u * total (u <= 1 - 2^-25, total <= 1 + C*w): the inverse CDF counts exactly b states.
+    Only the other cells (ties, e.g. all 16 ReLUs 0, and near-ties) draw their u and go through sample_categorical."""
     R, C, N = logits.shape
     bits = C.bit_length()  # code = (number of near states) + 2^bits * (sum of their indices), wrapping harmlessly
     dtype = torch.int16 if C << bits < 2 ** 15 else torch.int64
@@ -227,111 +319,33 @@ def sample_step(logits, noise_seeds, t, temperature):
     return states
 
 
-def step(grid, rules, noise_seeds, t, cfg, fast=True):
-    """One synchronous update of every cell of every grid: sample (logits + bias * onehot(state)) / temperature, cell
-    (r, n) with uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n), by sample_step on a CPU from 2^16 logits
-    (the break-even), else by inverse CDF (GPU: no host sync; fast=False: bench.py's old engine). Same states."""
+def step(grid, rules, noise_seeds, t, cfg):
+    """One synchronous update of every cell of every grid, plain_step's for each: sample (logits + bias *
+    onehot(state)) / temperature, cell (r, n) with uniform random_uniform(noise_seeds[r], UPDATE_NOISE, t, n). On a
+    CPU from 2^16 logits (the break-even) by sample_step, else by sample_categorical (a GPU: no host sync)."""
     R, H, W = grid.shape
-    logits = rule_logits(grid, rules, cfg.num_colors, fast)
+    logits = rule_logits(grid, rules, cfg.num_colors)
     if cfg.identity_bias:
         logits = logits + cfg.identity_bias * F.one_hot(grid.view(R, H * W), cfg.num_colors).transpose(1, 2)
-    if fast and grid.device.type == "cpu" and logits.numel() >= 2 ** 16:
+    if grid.device.type == "cpu" and logits.numel() >= 2 ** 16:
         return sample_step(logits, noise_seeds, t, cfg.temperature).view(R, H, W)
     u = random_uniform(noise_seeds[:, None], UPDATE_NOISE, t, torch.arange(H * W, device=grid.device))
     return sample_categorical(logits, u, cfg.temperature).view(R, H, W)
 
 
-def rollout(grid, rules, noise_seeds, t, num_frames, cfg, skip=0):
-    """Run `skip` updates, then record num_frames frames cfg.dT updates apart.
-    Returns frames (R, F, H, W), the grid after the last recorded frame, and the new time t (to continue later)."""
+def rollout(grid, rules, noise_seeds, t, num_frames, cfg, burn_in=0):
+    """plain_rollout for a batch of grids (R, H, W), from time t: burn_in updates, then num_frames frames cfg.dT
+    updates apart. Returns frames (R, F, H, W), the grid after the last frame and the new time t (to continue later)."""
     frames = []
     for i in range(num_frames):
-        for _ in range(skip if i == 0 else cfg.dT):
+        for _ in range(burn_in if i == 0 else cfg.dT):
             grid, t = step(grid, rules, noise_seeds, t, cfg), t + 1
         frames.append(grid)
     return torch.stack(frames, dim=1), grid, t
 
 
 # -----------------------------------------------------------------------------
-# 4. Tokens
-# A frame is cut into p x p patches in row-major order; a patch's cells, read row-major, are the digits of its id
-# in base C (top-left is the least significant). Every frame becomes [START, patch ids..., END].
-
-def patch_ids(frames, cfg):
-    """Frames (..., H, W) -> patch ids (..., patches_per_frame), no delimiters. Digit i*p + j of a patch is its cell
-    (i, j): frames[..., i::p, j::p] holds that cell of every patch."""
-    p = cfg.patch
-    return sum(frames[..., i::p, j::p] * cfg.num_colors ** (i * p + j) for i in range(p) for j in range(p)).flatten(-2)
-
-
-def encode(frames, cfg):
-    """Frames (R, F, H, W) -> token ids (R, F * frame_len): every frame is [START, patches, END]."""
-    ids = patch_ids(frames, cfg)                                                  # (R, F, P)
-    start, end = (torch.full_like(ids[..., :1], token) for token in (cfg.start_token, cfg.end_token))
-    return torch.cat([start, ids, end], dim=-1).flatten(1)
-
-
-def decode(tokens, cfg):
-    """The exact inverse of encode: token ids (R, F * frame_len) -> frames (R, F, H, W)."""
-    framed, p = tokens.view(len(tokens), -1, cfg.frame_len), cfg.patch
-    if not ((framed[..., 0] == cfg.start_token).all() and (framed[..., -1] == cfg.end_token).all()):
-        raise ValueError("decode: tokens are not whole frames of [START, patches, END]")
-    ids = framed[..., 1:-1].unflatten(-1, (cfg.grid // p, -1))                    # (R, F, n, n)
-    frames = ids.new_empty(*ids.shape[:2], cfg.grid, cfg.grid)
-    for i in range(p):
-        for j in range(p):
-            frames[..., i::p, j::p] = ids // cfg.num_colors ** (i * p + j) % cfg.num_colors
-    return frames
-
-
-def shuffle_patches(tokens, cfg):
-    """The shuffled-NCA control: each row's patch tokens permuted among the row's own patch positions, START and
-    END left in place. The same tokens and frame layout, so the same token statistics, but no dynamics to infer.
-    The permutation is a pure function of the row (a hash of its tokens). tokens (R, T) -> (R, T)"""
-    position = torch.arange(tokens.shape[1], device=tokens.device)
-    row_key = hash32((tokens * (position + 1)).sum(dim=1))                        # (R,)
-    patch = tokens < cfg.start_token        # every row starts with a frame, so the same positions in every row
-    keys = random_bits(row_key[:, None], SHUFFLE, position).masked_fill(~patch, 2 ** 40)  # delimiters sort last
-    order = keys.argsort(dim=1)[:, :int(patch[0].sum())]                         # patch positions, shuffled
-    return tokens.masked_scatter(patch, tokens.gather(1, order))                 # row-major, like the mask
-
-
-# -----------------------------------------------------------------------------
-# 5. The gzip complexity filter
-# Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32, gzip
-# level 9 with its 10-byte header and 8-byte trailer; zlib's output carries a 2-byte header and 4-byte trailer instead,
-# so len(gzip) = len(zlib) + 12 exactly, and zlib.compress is cheaper than the gzip module. gzip runs on the CPU
-# whatever the device (~48 us per rule), so rows are split over threads (zlib releases the GIL while it compresses),
-# as many as torch uses (torch.get_num_threads(); OMP_NUM_THREADS sets both).
-
-gzip_pool = functools.cache(lambda threads: ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip"))
-
-
-def gzip_ratio(ids, threads=None):
-    """ids (R, ...) patch ids -> numpy array (R,) of gzip compression ratios, one per row."""
-    rows = ids.reshape(len(ids), -1).cpu().numpy().astype("<i4")
-    threads = threads or torch.get_num_threads()
-    def compressed_sizes(part):
-        return [len(zlib.compress(row.tobytes(), 9)) + 12 for row in part]
-    parts = np.array_split(rows, max(1, min(threads, len(rows))))  # contiguous slices of rows, one per thread
-    sizes = [n for part in (gzip_pool(threads).map if len(parts) > 1 else map)(compressed_sizes, parts) for n in part]
-    return np.array(sizes) / rows.shape[1] / rows.itemsize
-
-
-def score_rules(rule_seeds, grid_seeds, cfg):
-    """Roll each rule out for its scoring frames. Returns (gzip ratios, frames, grid state, time, rule weights), so an
-    accepted rule's rollout can continue where scoring stopped: a training sequence starts with its scored frames."""
-    rules, grid = sample_rules(rule_seeds, cfg.num_colors), initial_grids(grid_seeds, cfg)
-    frames, grid, t = rollout(grid, rules, grid_seeds, 0, cfg.score_frames, cfg, skip=cfg.burn_in)
-    return gzip_ratio(patch_ids(frames, cfg)), frames, grid, t, rules
-
-
-def in_band(ratios, cfg):
-    return (ratios > cfg.band_lo) & (ratios < cfg.band_hi)
-
-
-# -----------------------------------------------------------------------------
-# 6. Training batches
+# 7. Training batches
 # A stream is a pure function of (seed, NCAConfig): its i-th rule and grid have the seeds stream_seeds(seed, ., i),
 # rejection sampling keeps the accepted rules in index order, so the batches are the same whatever the chunk and the
 # device. Its state is a few integers: the number of the first sequence not yet handed out; a restored stream
@@ -357,7 +371,6 @@ class NCAStream:
 
     def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
                  max_rejected=20_000, held_out=False, rank=0, world=1):
-        cfg.validate()
         if seq_len < cfg.frame_len:
             raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame ({cfg.frame_len} "
                              f"tokens), so every target would be masked; use at least {2 * cfg.frame_len}")
@@ -372,7 +385,7 @@ class NCAStream:
         self.seed, self.held_out, self.num_rules = seed, held_out, num_rules
         self.tried = self.accepted = self.next_rule = 0  # next_rule: this rank's number of the next rule to simulate
         self.buffer = []    # accepted sequences not yet handed out (device tensors), so no simulated rule is wasted
-        self.numbers = []   # host ints, one per buffered sequence: its rule number, or its pool sequence number
+        self.buffer_ids = []  # host ints, one per buffered sequence: its rule number, or its pool sequence number
         self.share = (0, 1)  # (rank, world): the pool is the first N rules of the whole stream, the same on every rank
         self.pool = self.filter_rules(num_rules) if num_rules else None  # rule seeds (num_rules,) on the device
         self.share = (rank, world)
@@ -389,8 +402,8 @@ class NCAStream:
             kept += self.fresh_rules()[0][:n - len(kept)]
         return self.seeds(RULE_SEEDS, torch.tensor(kept, device=self.device))
 
-    def count(self, ratios):
-        """Book-keeping of the acceptance rate, and the guard against a band that accepts nothing."""
+    def accept(self, ratios):
+        """The rules in the band (a mask); counts them, and stops a band that accepts nothing."""
         keep = in_band(ratios, self.cfg)
         self.tried, self.accepted = self.tried + len(keep), self.accepted + int(keep.sum())
         if self.accepted == 0 and self.tried >= self.max_rejected:
@@ -409,7 +422,7 @@ class NCAStream:
         index = torch.arange(self.next_rule, self.next_rule + self.chunk, device=self.device) * world + rank
         grid_seeds = self.seeds(GRID_SEEDS, index)
         scored = score_rules(self.seeds(RULE_SEEDS, index), grid_seeds, self.cfg)
-        keep = np.flatnonzero(self.count(scored[0]))
+        keep = np.flatnonzero(self.accept(scored[0]))
         accepted = (self.next_rule + keep).tolist()
         self.next_rule += self.chunk
         return accepted, torch.from_numpy(keep).to(self.device), grid_seeds, scored
@@ -417,12 +430,12 @@ class NCAStream:
     def fresh_sequences(self):
         """The accepted rules of the next chunk, continued to full length. -> frames, their rule indices"""
         accepted, rows, grid_seeds, (_, frames, grid, t, rules) = self.fresh_rules()
-        frames, more = frames.index_select(0, rows), self.num_frames - self.cfg.score_frames
-        if more > 0 and accepted:
+        frames, frames_left = frames.index_select(0, rows), self.num_frames - self.cfg.score_frames
+        if frames_left > 0 and accepted:
             grid, grid_seeds = grid.index_select(0, rows), grid_seeds.index_select(0, rows)
             rules = {k: v.index_select(0, rows) for k, v in rules.items()}
-            rest, _, _ = rollout(grid, rules, grid_seeds, t, more + 1, self.cfg)
-            frames = torch.cat([frames, rest[:, 1:]], dim=1)  # rest[:, 0] repeats the last scoring frame
+            continued, _, _ = rollout(grid, rules, grid_seeds, t, frames_left + 1, self.cfg)
+            frames = torch.cat([frames, continued[:, 1:]], dim=1)  # continued[:, 0] repeats the last scoring frame
         return frames, accepted
 
     def epoch_order(self, epoch):
@@ -441,24 +454,24 @@ class NCAStream:
         stream_numbers = torch.arange(k, k + self.chunk) * world + rank           # on the host
         epoch = int(stream_numbers[0]) // N
         stream_numbers = stream_numbers[stream_numbers // N == epoch]             # never past the epoch's end
-        places = self.epoch_order(epoch)[stream_numbers % N]
-        self.next_sequence += len(places)
-        rules = sample_rules(self.pool.index_select(0, places.to(self.device)), self.cfg.num_colors)
+        pool_index = self.epoch_order(epoch)[stream_numbers % N]
+        self.next_sequence += len(pool_index)
+        rules = sample_rules(self.pool.index_select(0, pool_index.to(self.device)), self.cfg.num_colors)
         grid_seeds = self.seeds(POOL_GRIDS, stream_numbers.to(self.device))
         frames = rollout(initial_grids(grid_seeds, self.cfg), rules, grid_seeds, 0, self.num_frames, self.cfg,
-                         skip=self.cfg.burn_in)[0]
-        return frames, list(range(k, k + len(places)))
+                         burn_in=self.cfg.burn_in)[0]
+        return frames, list(range(k, k + len(pool_index)))
 
     def next_batch(self):
-        while len(self.numbers) < self.batch_size:
-            frames, numbers = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
-            if numbers:
+        while len(self.buffer_ids) < self.batch_size:
+            frames, ids = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
+            if ids:
                 self.buffer.append(encode(frames, self.cfg)[:, :self.seq_len + 1])
-                self.numbers += numbers
+                self.buffer_ids += ids
         sequences = torch.cat(self.buffer)
-        batch, rest = sequences[:self.batch_size], sequences[self.batch_size:]
-        self.buffer = [rest] if len(rest) else []
-        del self.numbers[:self.batch_size]
+        batch, left_over = sequences[:self.batch_size], sequences[self.batch_size:]
+        self.buffer = [left_over] if len(left_over) else []
+        del self.buffer_ids[:self.batch_size]
         x, y = batch[:, :-1].clone(), batch[:, 1:].clone()
         y[:, :self.cfg.frame_len - 1] = -1  # targets inside the first frame: masked
         return x, y
@@ -468,27 +481,24 @@ class NCAStream:
         out, as a rule index (next_rule) or a pool place (pool_epoch, pool_pos), and the counters of the rules before
         it. The buffer is not saved: load_state_dict simulates it again."""
         if self.pool is not None:
-            epoch, pos = divmod(self.numbers[0] if self.numbers else self.next_sequence, len(self.pool))
+            epoch, pos = divmod(self.buffer_ids[0] if self.buffer_ids else self.next_sequence, len(self.pool))
             next_rule, tried, accepted = self.next_rule, self.tried, self.accepted
         else:  # every accepted rule from the first buffered one on is in the buffer
-            next_rule = self.numbers[0] if self.numbers else self.next_rule
-            tried, accepted = self.tried - (self.next_rule - next_rule), self.accepted - len(self.numbers)
+            next_rule = self.buffer_ids[0] if self.buffer_ids else self.next_rule
+            tried, accepted = self.tried - (self.next_rule - next_rule), self.accepted - len(self.buffer_ids)
             epoch = pos = 0
         return {"seed": self.seed, "held_out": self.held_out, "num_rules": self.num_rules, "next_rule": next_rule,
                 "pool_epoch": epoch, "pool_pos": pos, "tried": tried, "accepted": accepted}
 
     def load_state_dict(self, state):
         """Continue from state_dict's position: the next batches are those the saved stream would have made."""
-        if "next_rule" not in state:
-            raise ValueError("this NCA stream state was saved by an older nca.py (seeds drawn per chunk), whose "
-                             "data cannot be continued; start the stage afresh")
         for key in ("seed", "held_out", "num_rules"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"the saved NCA stream has {key}={state[key]}, this one {getattr(self, key)}: "
                                  f"resume with the same settings")
         self.tried, self.accepted, self.next_rule = state["tried"], state["accepted"], state["next_rule"]
         self.next_sequence = state["pool_epoch"] * self.num_rules + state["pool_pos"]
-        self.buffer, self.numbers = [], []
+        self.buffer, self.buffer_ids = [], []
 
     def __iter__(self):
         return iter(self.next_batch, None)  # endless: next_batch never returns None

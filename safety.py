@@ -3,6 +3,7 @@ Run safety for train.py (and eval.py): everything that keeps a run from starting
 kept out of the method so that train.py reads as the method. Each guard is called from train.py in one line.
 
   arg, add_flags      a config dataclass's fields are the flags, with their help: the defaults live in one place
+  add_nca_flags       the same for NCAConfig (the band as --band LO HI); nca_config checks what they parse to
 
   validate            every flag, checkpoint and dataset checked before any work, one message naming the flag
   check_memory        the estimated peak memory of a stage (estimate_memory) against the device's, before step 1
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, get_tokenizer, load_pairs
+from model import GPT, ModelConfig, likely_cause
+from nca import NCAConfig
 
 # -----------------------------------------------------------------------------
 # flags: a dataclass field per flag, with its help
@@ -54,6 +57,18 @@ def add_flags(parser, cls, skip=()):
 
 def pick(args, cls, **extra):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
+
+
+def add_nca_flags(parser):
+    """One flag per NCAConfig field, the band as --band LO HI."""
+    add_flags(parser, NCAConfig, skip=("band_lo", "band_hi"))
+    parser.add_argument("--band", type=float, nargs=2, default=(NCAConfig.band_lo, NCAConfig.band_hi),
+                        metavar=("LO", "HI"), help="keep rules with LO < gzip ratio < HI")
+
+
+def nca_config(args):
+    """The NCAConfig of add_nca_flags' flags, checked (check_nca_config)."""
+    return check_nca_config(pick(args, NCAConfig, band_lo=args.band[0], band_hi=args.band[1]))
 
 
 # -----------------------------------------------------------------------------
@@ -116,8 +131,9 @@ def validate_flags(cfg, all_stages, groups):
 
 
 def check_model_config(config, flag="--"):
-    """The model's shape, checked before any tensor is made (GPT() and train.py's flags call it). flag prefixes the
-    names in messages: "--" for flags, "model_args." for a checkpoint's settings."""
+    """The model's shape, checked before any tensor is made (train.py's flags, a checkpoint's model_args; GPT()
+    checks only the head width). flag prefixes the names in messages: "--" for flags, "model_args." for a
+    checkpoint's settings."""
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name not in ("dropout", "ffn_dim") and not value > 0:
@@ -134,34 +150,6 @@ def check_model_config(config, flag="--"):
         raise ValueError(f"{flag}ffn_dim={config.ffn_dim} must be >= 0 (0 = 2/3 * 4 * n_embd rounded to multiple_of)")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{flag}dropout={config.dropout} must be in [0, 1) (0 disables it)")
-
-
-def checkpoint_shape(state_dict):
-    """What a state dict says about the model it came from, to explain a mismatch."""
-    layers = {k.split(".")[1] for k in state_dict if k.startswith("layers.")}
-    shape = {"n_layer": len(layers)} if layers else {}
-    if "norm.weight" in state_dict:
-        shape["n_embd"] = state_dict["norm.weight"].shape[0]
-    if "layers.0.mlp.gate_proj.weight" in state_dict:
-        shape["hidden_dim"] = state_dict["layers.0.mlp.gate_proj.weight"].shape[0]
-    if "embed_tokens.weight" in state_dict:
-        shape["vocab_size"] = state_dict["embed_tokens.weight"].shape[0]
-    return shape
-
-
-def likely_cause(state_dict, config, reinit):
-    """Why a checkpoint does not fit a model config, for model.transfer's messages."""
-    old = checkpoint_shape(state_dict)
-    new = {"n_layer": config.n_layer, "n_embd": config.n_embd, "hidden_dim": config.hidden_dim}
-    if not {"embedding", "head"} <= set(reinit):  # otherwise a new vocabulary is intended
-        new["vocab_size"] = config.vocab_size
-    differ = [f"{k} differs between the checkpoint ({old[k]}) and the new config ({new[k]})"
-              for k in old if k in new and old[k] != new[k]]
-    if any(k.startswith("_orig_mod.") for k in state_dict):
-        differ.append("the checkpoint was saved from a torch.compile'd model (\"_orig_mod.\" prefixes)")
-    if "hidden_dim" in old and old["hidden_dim"] != new["hidden_dim"] and old.get("n_embd") == new["n_embd"]:
-        differ.append("the MLP width depends on --multiple_of too")
-    return "; ".join(differ) or "the checkpoint does not come from this model.py"
 
 
 MAX_VOCAB = 2 ** 16  # token ids must fit the uint16 format the rest of the pipeline uses
@@ -667,7 +655,6 @@ def check_checkpoint(checkpoint):
     """What a checkpoint claims, checked before anything is built from it: its stage; model_args against
     ModelConfig's fields, types and ranges; the weights' names and shapes against the model model_args describe
     (built on the meta device: no memory); the size of what building it allocates; the data it was trained on."""
-    from model import GPT, ModelConfig  # here, not at the top: model.py imports this module
     if checkpoint["stage"] not in ("prepretrain", "pretrain", "finetune"):
         raise ValueError(f"its stage {checkpoint['stage']!r} is not one of train.py's")
     args, known = checkpoint["model_args"], {f.name: f for f in fields(ModelConfig)}

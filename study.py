@@ -26,7 +26,7 @@ import nca
 from data.common import ArgumentParser, read_jsonl
 from model import GPT, ModelConfig
 from plots import demo, pyplot, save_figure
-from safety import load_checkpoint
+from safety import add_nca_flags, load_checkpoint, nca_config
 
 # -----------------------------------------------------------------------------
 # the NCA data: gzip statistics, complexity bands, a picture
@@ -626,7 +626,7 @@ def main(argv=None):
     for name, help in (("demo", "a picture of rollouts by gzip band, and the histogram of ratios"),
                        ("stats", "gzip-ratio deciles and acceptance of random rules; with --quantiles, bands")):
         sub = commands.add_parser(name, help=help, description=help)
-        nca.add_config_flags(sub)
+        add_nca_flags(sub)
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="where rules are simulated: cpu or cuda")
     commands.choices["demo"].add_argument("--out", default="nca_demo.png", help="where to write the picture")
@@ -657,7 +657,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command in ("demo", "stats"):
-            cfg = nca.config_from_args(args)
+            cfg = nca_config(args)
             if args.command == "demo":
                 return demo(cfg, args.device, out=args.out)
             quantiles = list(args.quantiles)

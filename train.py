@@ -120,11 +120,11 @@ def parse_args(argv=None, prog=None):
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     safety.add_flags(parser, TrainConfig)
     safety.add_flags(parser, ModelConfig, skip=("vocab_size",))  # the vocabulary comes from the data
-    nca.add_config_flags(parser)
+    safety.add_nca_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg, model_cfg, nca_cfg = safety.pick(args, TrainConfig), safety.pick(args, ModelConfig, vocab_size=1), \
-            nca.config_from_args(args)
+            safety.nca_config(args)
         safety.validate(cfg, model_cfg, nca_cfg, STAGES, GROUPS)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
