@@ -317,7 +317,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     if command == "nca":
         safety.add_nca_flags(parser)
-        parser.add_argument("--chunk", type=int, default=0, help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
+        parser.add_argument("--chunk", type=int, default=0,
+                            help="rules simulated together (0: 512 on CPU, 4096 on GPU)")
         parser.add_argument("--seconds", type=float, default=10.0, help="how long to measure the filtered stream")
         args = parser.parse_args(rest)
         try:

@@ -101,8 +101,7 @@ def held_out_sequences(cfg, num_rules, num_frames, seed, device="cpu"):
     rule and grid seed has the top bit 2^31 set, which no training seed has (nca.stream_seeds), so no training run,
     whatever its seed, has seen these rules."""
     stream = nca.NCAStream(cfg, num_rules, num_frames * cfg.frame_len - 1, seed=seed, device=device, held_out=True)
-    x, y = stream.next_batch()
-    return torch.cat([x, y[:, -1:]], dim=1)  # x lacks the last token; y has it (only the first frame is masked)
+    return stream.next_sequences()
 
 
 @torch.no_grad()

@@ -157,6 +157,14 @@ def shuffle_patches(tokens, cfg):
     return tokens.masked_scatter(patch, tokens.gather(1, order))                 # row-major, like the mask
 
 
+def inputs_and_targets(tokens, cfg):
+    """Training pairs of token sequences (R, T + 1): x the first T tokens, y the last T, with the targets inside the
+    first frame -1 (ignored by the loss): nothing to infer the rule from yet. -> x, y (R, T) each"""
+    x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    y[:, :cfg.frame_len - 1] = -1
+    return x, y
+
+
 # -----------------------------------------------------------------------------
 # 4. The gzip complexity filter
 # Score = gzip-compressed size / raw size of the scoring frames' patch ids (no delimiters) as little-endian int32, gzip
@@ -363,14 +371,15 @@ class NCAStream:
     num_rules=N the pool is the first N rules that pass, reused with fresh initial grids epoch after epoch, in a new
     order each epoch (the paper reused 16,000 rules for 10 epochs). y is x shifted by one; the first frame's targets are
     -1 (ignored by the loss): nothing to infer a rule from yet. held_out=True sets the top bit 2^31 of every seed, which
-    no training stream's seed has (for evaluation).
+    no training stream's seed has (for evaluation). shuffle=True permutes each sequence's patch tokens
+    (shuffle_patches: the shuffled-NCA control).
 
     Several processes (torchrun) share one stream: process `rank` of `world` takes rule indices (or pool sequence
     numbers) rank, rank + world, rank + 2 world, ... of the stream `seed`. So the ranks never draw the same fresh rule,
     every rank's pool is the same N rules, and together the ranks use the rules one process would."""
 
     def __init__(self, cfg, batch_size, seq_len, seed=0, device="cpu", num_rules=0, chunk=0,
-                 max_rejected=20_000, held_out=False, rank=0, world=1):
+                 max_rejected=20_000, held_out=False, rank=0, world=1, shuffle=False):
         if seq_len < cfg.frame_len:
             raise ValueError(f"--block_size: a sequence of {seq_len} tokens is shorter than one frame ({cfg.frame_len} "
                              f"tokens), so every target would be masked; use at least {2 * cfg.frame_len}")
@@ -382,7 +391,7 @@ class NCAStream:
         self.num_frames = max(math.ceil((seq_len + 1) / cfg.frame_len), cfg.score_frames)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} of {world} processes: need 0 <= rank < world")
-        self.seed, self.held_out, self.num_rules = seed, held_out, num_rules
+        self.seed, self.held_out, self.num_rules, self.shuffle = seed, held_out, num_rules, shuffle
         self.tried = self.accepted = self.next_rule = 0  # next_rule: this rank's number of the next rule to simulate
         self.buffer = []    # accepted sequences not yet handed out (device tensors), so no simulated rule is wasted
         self.buffer_ids = []  # host ints, one per buffered sequence: its rule number, or its pool sequence number
@@ -463,6 +472,11 @@ class NCAStream:
         return frames, list(range(k, k + len(pool_index)))
 
     def next_batch(self):
+        """The next (x, y) batch: inputs_and_targets of the next sequences."""
+        return inputs_and_targets(self.next_sequences(), self.cfg)
+
+    def next_sequences(self):
+        """The next batch_size token sequences of seq_len + 1 tokens (patch tokens permuted with shuffle)."""
         while len(self.buffer_ids) < self.batch_size:
             frames, ids = self.pool_sequences() if self.pool is not None else self.fresh_sequences()
             if ids:
@@ -472,9 +486,7 @@ class NCAStream:
         batch, left_over = sequences[:self.batch_size], sequences[self.batch_size:]
         self.buffer = [left_over] if len(left_over) else []
         del self.buffer_ids[:self.batch_size]
-        x, y = batch[:, :-1].clone(), batch[:, 1:].clone()
-        y[:, :self.cfg.frame_len - 1] = -1  # targets inside the first frame: masked
-        return x, y
+        return shuffle_patches(batch, self.cfg) if self.shuffle else batch
 
     def state_dict(self):
         """Where the stream stands, in python ints (no tensors, no host copies): the first sequence not yet handed

@@ -1772,8 +1772,8 @@ def test_eval_refuses_a_device_that_is_not_there(tmp_path, monkeypatch):
 
 def test_a_pair_longer_than_the_block_is_refused_before_any_stage_trains(tmp_path, tiny_data, capsys):
     records = [{"prompt": "1+1=", "completion": "2\n", "answer": "2"}] * 3
-    save_pairs_dataset(str(tmp_path / "data" / "long"), {"train": records[:2] + [dict(records[0], prompt="x" * 10 ** 6)],
-                                                         "val": records, "test": records}, "long", "\n")
+    splits = {"train": records[:2] + [dict(records[0], prompt="x" * 10 ** 6)], "val": records, "test": records}
+    save_pairs_dataset(str(tmp_path / "data" / "long"), splits, "long", "\n")
     with pytest.raises(SystemExit):
         train.parse_args(run_flags(tmp_path, tiny_data, "--finetune_data", "long"))
     err = capsys.readouterr().err
@@ -2145,7 +2145,8 @@ def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys
 
 
 def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_path):
-    offsets = {"nca": (-0.02, -0.01, -0.03), "nca-attention-only": (-0.03, -0.02, -0.04), "nca-mlp-only": (0.01, 0.02, 0)}
+    offsets = {"nca": (-0.02, -0.01, -0.03), "nca-attention-only": (-0.03, -0.02, -0.04),
+               "nca-mlp-only": (0.01, 0.02, 0)}
     for width, suffix in ((32, ""), (64, "-w64")):
         for seed, base in ((0, 1.50), (1, 1.60), (2, 1.55)):
             write_sized_run(str(tmp_path / f"scratch{suffix}_seed{seed}"), width, base)
@@ -2155,7 +2156,8 @@ def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_pat
     table = study.main(["carried", "--runs", str(tmp_path / "*_seed*"), "--out", out])
     assert os.path.getsize(out) > 0 and table.count("Width ") == 2
     assert "scratch (nothing carried): final loss 1.5500 ± 0.0500 over 3 seeds" in table
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| attention |")]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+            if line.startswith("| attention |")]
     gains = offsets["nca-attention-only"]
     losses = [base + gain for base, gain in zip((1.50, 1.60, 1.55), gains)]
     assert rows[0][:6] == ["attention", "nca-attention-only-w32", "3", study.mean_std(losses, 4),

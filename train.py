@@ -160,33 +160,25 @@ class NCAData(Data):
 
     def __init__(self, nca_cfg, cfg, batch_size, block_size, rank=0, world=1, shuffle=False):
         self.name, self.tokenizer, self.eot_token = "nca-shuffled" if shuffle else "nca", None, None
-        self.nca_cfg, self.shuffle = nca_cfg, shuffle
+        self.nca_cfg = nca_cfg
         self.vocab_size = nca_cfg.vocab_size
         # one stream shared by the ranks: each takes every world-th rule (or pool sequence), the pool is the same
         self.stream = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
-                                    num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk, rank=rank, world=world)
-        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
-                                 chunk=cfg.nca_chunk, held_out=True)  # rules no training stream draws
-        self.val = validation_batches(lambda: self.shuffled(*held_out.next_batch()), cfg.eval_iters, rank, world)
+                                    num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk, rank=rank, world=world,
+                                    shuffle=shuffle)
+        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,  # rules no
+                                 chunk=cfg.nca_chunk, held_out=True, shuffle=shuffle)  # training stream draws
+        self.val = validation_batches(held_out.next_batch, cfg.eval_iters, rank, world)
         # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
-        self.prefetch = Prefetch(lambda: self.shuffled(*self.stream.next_batch()), self.stream.state_dict,
-                                 cfg.device) if cfg.nca_prefetch else None
+        self.prefetch = Prefetch(self.stream.next_batch, self.stream.state_dict, cfg.device) if cfg.nca_prefetch \
+            else None
 
     def get_batch(self, split):
-        return self.prefetch.next() if self.prefetch else self.shuffled(*self.stream.next_batch())
+        return self.prefetch.next() if self.prefetch else self.stream.next_batch()
 
     def ready(self):
         if self.prefetch:
             self.prefetch.wait()
-
-    def shuffled(self, x, y):
-        """For nca-shuffled: the patch tokens of each sequence permuted (nca.shuffle_patches), targets re-made."""
-        if not self.shuffle:
-            return x, y
-        tokens = nca.shuffle_patches(torch.cat([x, y[:, -1:]], dim=1), self.nca_cfg)
-        x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
-        y[:, :self.nca_cfg.frame_len - 1] = -1  # the first frame stays unscored, as in nca.NCAStream
-        return x, y
 
     def state_dict(self):
         # a checkpoint records the batches the model has seen, not the one made ahead: the state before that one
@@ -529,7 +521,8 @@ def forward_backward(run, ddp):
         scored = y != -1
         targets, tokens = scored.sum(), scored.flip(1).cumsum(1).gt(0).sum()
         run.scaler.scale(loss * (targets / full)).backward()
-        totals = totals + torch.stack([loss.detach().double() * targets, targets.double(), tokens.double()])  # not .item(): no wait
+        # on the device (not .item(): that would make the CPU wait for the GPU at every micro-step)
+        totals = totals + torch.stack([loss.detach().double() * targets, targets.double(), tokens.double()])
     totals = ddp.sum(totals)
     for p in run.model.parameters():  # DDP averaged over the ranks: the gradients hold sum / (full * world)
         if p.grad is not None:
