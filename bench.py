@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -238,7 +239,8 @@ def gpu_check(device, out_dir, data_dir):
     check_nca_on_device(checks, device)
     check_cached_generation(checks, f"{run}/finetune/ckpt.pt", device)
     checks.run("eval.py export", [py, "eval.py", "export", "--ckpt", f"{run}/pretrain/ckpt.pt", "--out_dir",
-                                  os.path.join(out, "hf")], expect=["pytorch_model.bin"])
+                                  os.path.join(out, "hf")],
+               expect=["model.safetensors" if importlib.util.find_spec("safetensors") else "pytorch_model.bin"])
     bench_model = ["--device", device, "--data_dir", data_dir] if gpu else small  # the default model on a GPU
     bench = checks.run("bench.py train", [py, "bench.py", "train", *bench_model, "--prepretrain_iters", "30"],
                        expect=["bench:"])
