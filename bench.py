@@ -12,6 +12,7 @@ The memory estimate that train.py checks before a run is safety.estimate_memory.
 """
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -205,7 +206,8 @@ def gpu_check(device, out_dir, data_dir):
     check_nca_on_device(checks, device)
     check_cached_generation(checks, f"{run}/finetune/ckpt.pt", device)
     checks.run("eval.py export", [py, "eval.py", "export", "--ckpt", f"{run}/pretrain/ckpt.pt", "--out_dir",
-                                  os.path.join(out, "hf")], expect=["pytorch_model.bin"])
+                                  os.path.join(out, "hf")],
+               expect=["model.safetensors" if importlib.util.find_spec("safetensors") else "pytorch_model.bin"])
     bench_model = ["--device", device, "--data_dir", data_dir] if gpu else small  # the default model on a GPU
     bench = checks.run("bench.py train", [py, "bench.py", "train", *bench_model, "--prepretrain_iters", "30"],
                        expect=["bench:"])

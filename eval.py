@@ -436,7 +436,7 @@ def run_passk(args):
     return results
 
 # -----------------------------------------------------------------------------
-# export to a Hugging Face Llama checkpoint (torch only: config.json + pytorch_model.bin)
+# export to a Hugging Face Llama checkpoint: config.json + model.safetensors (or pytorch_model.bin)
 
 def to_hf_names(state_dict):
     """Our names are LlamaForCausalLM's without the "model." prefix, which only the output head lacks there too."""
@@ -457,17 +457,37 @@ def hf_config(model_args, data):
     }
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def save_weights(state, out_dir):
+    """The weights as transformers prefers them: model.safetensors (no pickle: loading it runs no code), where the
+    safetensors package is installed (transformers depends on it, so wherever transformers is); else
+    pytorch_model.bin, which every transformers reads. The other file, from an earlier export, is removed, so the
+    folder holds one model. -> the file's name"""
+    try:  # transformers reads a safetensors file whose metadata says format "pt"
+        from safetensors.torch import save_file
+        name, save = WEIGHT_FILES[0], lambda path: save_file(state, path, metadata={"format": "pt"})
+    except ImportError:
+        name, save = WEIGHT_FILES[1], lambda path: torch.save(state, path)
+    for old in WEIGHT_FILES:
+        if old != name and os.path.exists(os.path.join(out_dir, old)):
+            os.remove(os.path.join(out_dir, old))
+    save(os.path.join(out_dir, name))
+    return name
+
+
 def run_export(args):
-    safety.check_out_dir(args.out_dir, "config.json and pytorch_model.bin")
+    safety.check_out_dir(args.out_dir, "config.json and the weights")
     model, ckpt = load_model(args.ckpt, "cpu")
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(ckpt["model_args"], ckpt.get("data")), f, indent=2)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    torch.save(to_hf_names(state), os.path.join(out_dir, "pytorch_model.bin"))
+    weights = save_weights(to_hf_names(state), out_dir)
     tokenizer = (ckpt.get("data") or {}).get("tokenizer")
-    print(f"wrote {out_dir}/config.json and pytorch_model.bin; load with "
+    print(f"wrote {out_dir}/config.json and {weights}; load with "
           f"transformers.LlamaForCausalLM.from_pretrained({out_dir!r}); tokenizer: "
           f"{tokenizer or 'NCA patch tokens'} (data.common.get_tokenizer)")
 
@@ -509,7 +529,8 @@ def build_parser():
     sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
     sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
-    sub = command("export", run_export, "write a Hugging Face LlamaForCausalLM folder (config.json, pytorch_model.bin)")
+    sub = command("export", run_export,
+                  "write a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors or pytorch_model.bin)")
     sub.add_argument("--out_dir", required=True, help="folder to write")
 
     sub = command("icl", run_icl, "NCA in-context accuracy: predict frame k+1 of held-out rules from k frames")

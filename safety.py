@@ -31,7 +31,8 @@ from dataclasses import asdict, field, fields
 import numpy as np
 import torch
 
-from data.common import OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, get_tokenizer, load_pairs
+from data.common import (NCA_ROWS, OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, get_tokenizer,
+                         load_pairs, prepare_command)
 from model import GPT, ModelConfig, likely_cause
 from nca import NCAConfig
 
@@ -218,7 +219,40 @@ def validate_data(stage, cfg, model_cfg, nca_cfg):
                                  for r in load_pairs(data_dir, split, name)] for split in ("train", "val")},
                         data_dir, model_cfg.block_size)
     else:
-        check_prepared(data_dir, name)
+        meta = check_prepared(data_dir, name)
+        if meta.get("kind") == NCA_ROWS:
+            check_nca_rows(stage, meta, data_dir, cfg, model_cfg, nca_cfg)
+
+
+def check_nca_rows(stage, meta, data_dir, cfg, model_cfg, nca_cfg):
+    """A folder of NCA rows (python -m data.nca.prepare, its fields checked by check_prepared) serves stage 1 when its
+    NCA config is one (with the vocabulary, START/END and masked targets that follow from it), its rows hold a block
+    and its val rows the fixed validation batches. Its NCA config is used, not the command line's (a note if they
+    differ)."""
+    path, remake = os.path.join(data_dir, "meta.json"), prepare_command(data_dir)
+    if stage != "prepretrain":
+        raise ValueError(f"--{stage}_data {os.path.basename(data_dir)}: {path} says it holds NCA rows (kind "
+                         f"{NCA_ROWS}), which are stage-1 data: use it as --prepretrain_data")
+    try:
+        rows_cfg = check_nca_config(dataclasses.replace(nca_cfg, **meta["nca_config"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: nca_config is not a valid NCA config ({e}); remake the folder: {remake}") from None
+    implied = {"vocab_size": rows_cfg.vocab_size, "start_token": rows_cfg.start_token,
+               "end_token": rows_cfg.end_token, "masked_targets": rows_cfg.frame_len - 1}
+    for key, value in implied.items():
+        if meta[key] != value:
+            raise ValueError(f"{path}: {key} is {meta[key]}, but its nca_config makes it {value}; remake the "
+                             f"folder: {remake}")
+    block, seq_len, need = model_cfg.block_size, meta["seq_len"], cfg.eval_iters * cfg.batch_size
+    if not rows_cfg.frame_len <= block <= seq_len:
+        raise ValueError(f"--block_size {block}: the rows of {path} serve a block of {rows_cfg.frame_len} (one frame) "
+                         f"to {seq_len} tokens (seq_len); use one, or remake the rows with --seq_len {block}")
+    if meta["num_val_rows"] < need:
+        raise ValueError(f"{path}: {meta['num_val_rows']} val rows, fewer than --eval_iters x --batch_size = {need}; "
+                         f"lower --eval_iters, or remake the folder with --val_rows {need}")
+    if rows_cfg != nca_cfg:
+        print(f"note: {data_dir} holds NCA rows made by {remake}: its NCA config is used, not the NCA flags of "
+              f"this command")
 
 
 def finetune_tokenizer(cfg):
@@ -384,7 +418,7 @@ def check_resume(checkpoint, stage, cfg, model_cfg, nca_cfg, ckpt_path):
         if saved_cfg.get(k) != getattr(cfg, k):
             differ.append(f"--{k} {getattr(cfg, k)} (checkpoint: {saved_cfg.get(k)})")
     saved_nca = checkpoint.get("nca_config")
-    if saved_nca is not None:
+    if saved_nca is not None and getattr(cfg, f"{stage}_data") in STREAMED:  # else an NCA rows folder's config
         differ += [f"--{k} {v} (checkpoint: {saved_nca.get(k)})" for k, v in asdict(nca_cfg).items()
                    if saved_nca.get(k) != v]
     if differ:

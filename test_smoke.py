@@ -971,7 +971,8 @@ def test_gsm8k_from_local_files(tmp_path):
 # bad input to the prepare scripts: one line naming the flag, before any work
 
 # each script with the flags it needs; hf and gsm8k read the Hub by default, which the test below forbids
-PREPARE_SCRIPTS = {"arith": [], "dyck": [], "random": [], "stdlib": [], "gsm8k": [], "hf": ["--dataset", "c4"]}
+PREPARE_SCRIPTS = {"arith": [], "dyck": [], "random": [], "stdlib": [], "gsm8k": [], "hf": ["--dataset", "c4"],
+                   "nca": []}
 
 
 def no_download(*args, **kwargs):
@@ -1014,7 +1015,7 @@ def test_prepare_scripts_refuse_a_bad_out_dir_in_one_line(tmp_path, monkeypatch,
             code, out, err, seconds = run_prepare(name, flags + ["--out_dir", out_dir], capsys)
             assert_one_line_refusal(code, out, err, seconds, "--out_dir")
             assert reason in err and err.startswith(f"python -m data.{name}.prepare: error: --out_dir "), err
-            assert ("train.bin" if name in ("dyck", "random", "stdlib", "hf") else "train.jsonl") in err, err
+            assert ("train.bin" if name in ("dyck", "random", "stdlib", "hf", "nca") else "train.jsonl") in err, err
             assert a_file.read_text() == "not a folder\n" and os.listdir(tmp_path) == ["notes.md"]
     assert not os.path.exists("/proc/x")
 
@@ -1043,6 +1044,10 @@ def test_prepare_scripts_refuse_bad_flag_values_in_one_line(tmp_path, capsys):
         hf {local}                          | --from_file: {tmp_path}: a folder, not a file
         hf {local}/no_text.jsonl            | record 2: no 'text' field
         hf {local}/one.jsonl                | got 1; give more of them (--from_file
+        nca --tokens 0                      | --tokens: must be at least 1
+        nca --seq_len 20                    | --seq_len 20: a row shorter than one frame (38 tokens)
+        nca --band 0.9 0.1                  | --band: need 0 <= lo < hi <= 1
+        nca --grid 10 --num_colors 3 --patch 3 | --patch: the grid (10) must be divisible by the patch size (3)
     """
     for case in cases.strip().splitlines():
         command, message = (part.strip() for part in case.split("|"))
@@ -2269,9 +2274,17 @@ def export_tiny(tmp_path):
     return model, tmp_path / "hf"
 
 
+def exported_weights(out_dir):
+    """The state dict eval.py export wrote: model.safetensors where safetensors is installed, else pytorch_model.bin."""
+    if (out_dir / "model.safetensors").exists():
+        assert not (out_dir / "pytorch_model.bin").exists()
+        return pytest.importorskip("safetensors.torch").load_file(str(out_dir / "model.safetensors"))
+    return torch.load(out_dir / "pytorch_model.bin", weights_only=True)
+
+
 def test_export_names_map_back_to_the_same_state_dict(tmp_path):
     model, out_dir = export_tiny(tmp_path)
-    hf_state = torch.load(out_dir / "pytorch_model.bin", weights_only=True)
+    hf_state = exported_weights(out_dir)
     assert "lm_head.weight" in hf_state and "model.embed_tokens.weight" in hf_state
     assert all(k == "lm_head.weight" or k.startswith("model.") for k in hf_state)
     ours = model.state_dict()
@@ -2283,15 +2296,27 @@ def test_export_names_map_back_to_the_same_state_dict(tmp_path):
     assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_export_round_trip_through_transformers(tmp_path):
+def test_export_round_trip_through_transformers(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     model, out_dir = export_tiny(tmp_path)
+    assert "config.json and model.safetensors" in capsys.readouterr().out  # transformers brings safetensors
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out_dir)).eval()
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, _ = model(idx, idx)  # with targets: logits at every position
         theirs = hf(idx).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_export_without_safetensors_writes_pytorch_model_bin_and_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_text("an earlier export")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import safetensors.torch raises ImportError
+    model, out_dir = export_tiny(tmp_path)
+    assert "config.json and pytorch_model.bin" in capsys.readouterr().out
+    assert sorted(os.listdir(out_dir)) == ["config.json", "pytorch_model.bin"]  # one model in the folder
+    back = from_hf_names(exported_weights(out_dir))
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 # =============================================================================
@@ -2604,6 +2629,7 @@ def documented_commands():
     found = []
     for doc in ("README.md", "STUDY.md"):
         text = open(os.path.join(REPO_ROOT, doc), encoding="utf-8").read()
+        text = re.sub(r"```python\n.*?```", "", text, flags=re.S)  # Python code, not command lines
         blocks = re.findall(r"```\n(.*?)```", text, re.S)
         inline = [m.replace("\n", " ") for m in re.findall(r"`((?:python|torchrun|bash|[A-Z]+=)[^`]*)`", text)]
         for block in blocks + inline:
@@ -2806,3 +2832,172 @@ def test_a_pairs_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_p
     err = refusal(TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--pretrain_data",
                               "corpus", "--stage", "finetune", "--finetune_data", "task"], capsys)
     assert "task/train.jsonl, line 5: not UTF-8 text (byte 0xe9 at column 16)" in err, err
+
+
+# --- NCA rows for any trainer: python -m data.nca.prepare, and train.py on its folder
+
+NCA_ROW_FLAGS = ["--grid", "6", "--num_colors", "4", "--band", "0.0", "1.0"]  # TINY_RUN's NCA, TINY_NCA
+
+
+def prepare_nca_rows(folder, *flags):
+    """A small folder of NCA rows (rows of 49 tokens, 8 val rows; flags override), -> its meta.json."""
+    from data.nca.prepare import main
+    main(["--tokens", "1000", "--seq_len", "48", "--val_rows", "8", *flags, "--out_dir", str(folder)])
+    return json.loads((folder / "meta.json").read_text())
+
+
+def read_rows(folder, split, row_len):
+    return torch.from_numpy(np.fromfile(folder / f"{split}.bin", dtype=np.uint16).astype(np.int64)).view(-1, row_len)
+
+
+def test_nca_rows_are_the_streams_rows_in_order_with_their_rules_and_a_card_that_remakes_them(tmp_path, capsys):
+    import csv
+    import shlex
+    from data.nca.prepare import main
+    meta = prepare_nca_rows(tmp_path / "rows", "--seed", "3", "--grid", "6", "--num_colors", "4", "--band", "0.2",
+                            "0.9")  # BAND_TEST: it rejects some rules
+    cfg = NCAConfig(**meta["nca_config"])
+    assert cfg == BAND_TEST and meta["kind"] == "nca-rows" and meta["seed"] == 3 and meta["row_len"] == 49
+    assert (meta["vocab_size"], meta["start_token"], meta["end_token"], meta["masked_targets"]) == (258, 256, 257, 10)
+    table, rule_seeds = list(csv.DictReader(open(tmp_path / "rows" / "rules.csv"))), {}
+    for split, held_out in (("train", False), ("val", True)):
+        rows = read_rows(tmp_path / "rows", split, 49)
+        assert len(rows) == meta[f"num_{split}_rows"] == (21 if split == "train" else 8)  # ceil(1000 / 49) rows
+        stream = NCAStream(cfg, batch_size=4, seq_len=48, seed=3, held_out=held_out)
+        for b in range(len(rows) // 4):  # row i of batch b is row 4b + i
+            x, y = stream.next_batch()
+            scored = y != -1
+            batch = rows[4 * b:4 * b + 4]
+            assert torch.equal(batch[:, :-1], x) and torch.equal(batch[:, 1:][scored], y[scored])
+            assert not scored[:, :meta["masked_targets"]].any() and scored[:, meta["masked_targets"]:].all()
+        lines = [line for line in table if line["split"] == split]
+        index = torch.tensor([int(line["rule_index"]) for line in lines])
+        seeds = [torch.tensor([int(line[key]) for line in lines]) for key in ("rule_seed", "grid_seed")]
+        assert [int(line["row"]) for line in lines] == list(range(len(rows))) and (index.diff() > 0).all()
+        assert torch.equal(seeds[0], nca.stream_seeds(3, nca.RULE_SEEDS, index, held_out))
+        assert torch.equal(seeds[1], nca.stream_seeds(3, nca.GRID_SEEDS, index, held_out))
+        ratios = nca.score_rules(*seeds, cfg)[0]  # what the stream's filter computed, to the last digit
+        assert [float(line["gzip_ratio"]) for line in lines] == ratios.tolist() and nca.in_band(ratios, cfg).all()
+        rule_seeds[split] = seeds[0]
+    assert (rule_seeds["val"] >= 2 ** 31).all() and (rule_seeds["train"] < 2 ** 31).all()  # no val rule trains
+    assert meta["acceptance"] == 21 / meta["rules_tried"] < 0.8  # the band rejected some: rule indices skip
+    card = (tmp_path / "rows" / "README.md").read_text()
+    command = re.search(r"^    (python -m data.nca.prepare .*)$", card, re.M)[1]
+    assert command == (f"python -m data.nca.prepare --tokens 1000 --seed 3 --grid 6 --num_colors 4 --band 0.2 0.9 "
+                       f"--seq_len 48 --val_rows 8 --out_dir {tmp_path / 'rows'}")
+    assert "![gzip ratios of the accepted rules](gzip_ratios.png)" in card and "21 " in card
+    assert (tmp_path / "rows" / "gzip_ratios.png").read_bytes()[:4] == b"\x89PNG"
+    main(shlex.split(command)[3:-1] + [str(tmp_path / "again")])  # the card's command, into another folder
+    for name in ("train.bin", "val.bin", "rules.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "rows" / name).read_bytes(), name
+
+
+def test_nca_prepare_refuses_a_vocabulary_beyond_uint16_naming_the_flags(tmp_path, capsys):
+    for flags, vocab in ((["--num_colors", "16"], "65,538"), (["--num_colors", "4", "--patch", "3"], "262,146")):
+        code, out, err, seconds = run_prepare("nca", flags + ["--out_dir", str(tmp_path / "out")], capsys)
+        words = " ".join(flags if "--patch" in flags else flags + ["--patch", "2"])
+        assert_one_line_refusal(code, out, err, seconds, f"{words}: the vocabulary, num_colors**(patch*patch) + 2 = "
+                                                         f"{vocab} token ids, does not fit uint16 rows")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_nca_prepare_leaves_a_folder_train_py_refuses(tmp_path, capsys):
+    import shlex
+    data_dir, folder = tmp_path / "data", tmp_path / "data" / "rows"
+    prepare_nca_rows(folder, *NCA_ROW_FLAGS)  # a whole folder, then a prepare into it killed before val.bin
+    flags = ["--tokens", "1000", "--seed", "1", *NCA_ROW_FLAGS, "--seq_len", "48", "--val_rows", "8"]
+    run_killed_prepare("nca", "val.bin", "before", flags + ["--out_dir", str(folder)])
+    remake = f"run: {shlex.join(['python', '-m', 'data.nca.prepare', *flags, '--out_dir', str(folder)])}"
+    with pytest.raises(ValueError, match=f"has not finished.*{re.escape(remake)}$"):
+        check_prepared(str(folder))
+    assert not common.nca_rows(str(folder))
+    err = refusal(TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--stage",
+                              "prepretrain", "--prepretrain_data", "rows"], capsys)
+    assert "rows/meta.json" in err and remake in err, err
+
+
+def test_training_on_nca_rows_gives_the_streamed_runs_losses(tmp_path):
+    prepare_nca_rows(tmp_path / "data" / "rows", "--tokens", "2000", "--seq_len", "64", *NCA_ROW_FLAGS)  # > block
+    flags = TINY_RUN + ["--stage", "prepretrain", "--prepretrain_iters", "6", "--eval_interval", "3"]
+    train.main(flags + ["--out_dir", str(tmp_path / "stream")])  # the stream, made ahead in the prefetch thread
+    train.main(flags + ["--out_dir", str(tmp_path / "rows"), "--data_dir", str(tmp_path / "data"),
+                        "--prepretrain_data", "rows"])
+    streamed, from_rows = (read_log(tmp_path / run / "prepretrain" / "log.jsonl") for run in ("stream", "rows"))
+    assert [r["iter"] for r in from_rows] == [0, 3, 6] and all(r["train_loss"] or r["iter"] == 0 for r in from_rows)
+    for a, b in zip(streamed, from_rows):
+        assert {**a, "elapsed": 0} == {**b, "elapsed": 0}  # losses, tokens, the probe: all of it
+    ckpt = torch.load(tmp_path / "rows" / "prepretrain" / "ckpt.pt", weights_only=True)
+    assert ckpt["nca_config"] == asdict(TINY_NCA) and ckpt["data"]["vocab_size"] == 258
+    assert ckpt["rank_state"][0]["data"] == {"next_row": 24}  # what --resume continues from
+
+
+def test_nca_row_data_resumes_at_its_next_row_shares_rows_among_ranks_and_wraps(tmp_path):
+    prepare_nca_rows(tmp_path / "data" / "rows", *NCA_ROW_FLAGS)  # 21 training rows
+    cfg = train.parse_args(TINY_RUN + ["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+                                       "--prepretrain_data", "rows"])[0]
+    rows = read_rows(tmp_path / "data" / "rows", "train", 49)
+    data = train.NCARowData("rows", cfg, batch_size=4, block_size=48)
+    batches = [data.get_batch("train") for _ in range(6)]
+    assert torch.equal(batches[5][0], rows[[20, 0, 1, 2], :-1])  # past the last row, the first again
+    resumed = train.NCARowData("rows", cfg, batch_size=4, block_size=48)
+    resumed.load_state_dict({"next_row": 8})
+    assert all(torch.equal(resumed.get_batch("train")[1], batches[i][1]) for i in (2, 3, 4, 5))
+    ranks = [train.NCARowData("rows", cfg, batch_size=2, block_size=48, rank=r, world=2) for r in (0, 1)]
+    for b in range(3):  # two ranks of 2 rows: together the rows of one process's batch of 4
+        x = torch.cat([rank.get_batch("train")[0] for rank in ranks])
+        assert torch.equal(x, batches[b][0])
+    assert torch.equal(torch.cat([ranks[0].val[0][0], ranks[1].val[0][0]]), data.val[0][0][[0, 2, 1, 3]])
+
+
+def test_an_nca_rows_folder_is_checked_before_any_work(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    prepare_nca_rows(data_dir / "rows", *NCA_ROW_FLAGS)
+    flags = TINY_RUN + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"), "--prepretrain_data", "rows"]
+    train.parse_args(flags)
+    assert "note:" not in capsys.readouterr().out
+    train.parse_args(flags[:-2] + ["--num_colors", "5", "--prepretrain_data", "rows"])
+    assert "its NCA config is used, not the NCA flags of this command" in capsys.readouterr().out
+    path = data_dir / "rows" / "meta.json"
+    for extra, message in ((["--block_size", "64"], f"--block_size 64: the rows of {path} serve a block of 11"),
+                           (["--eval_iters", "3"], f"{path}: 8 val rows, fewer than --eval_iters x --batch_size = 12"),
+                           (["--stage", "pretrain", "--pretrain_data", "rows"], "says it holds NCA rows")):
+        assert message in refusal(flags + extra, capsys)
+    good = json.loads(path.read_text())
+    for key, value, message in (("masked_targets", 5, "masked_targets is 5, but its nca_config makes it 10"),
+                                ("nca_config", {**good["nca_config"], "grid": 7}, "nca_config is not a valid NCA"),
+                                ("nca_config", {"colours": 4}, "nca_config is not a valid NCA"),
+                                ("num_val_rows", 9, "num_val_rows must be the number of rows val.bin holds (8)"),
+                                ("row_len", 50, "row_len must be seq_len + 1 = 49")):
+        path.write_text(json.dumps({**good, key: value}))
+        err = refusal(flags, capsys)
+        assert f"{path}: {key}" in err or f"{path}: {message}" in err, err
+        assert message in err and "python -m data.nca.prepare" in err, err
+
+
+def test_the_readme_loads_nca_rows_in_plain_pytorch(tmp_path, monkeypatch):
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Use it in your own stack"):text.index("## The study")]
+    snippet = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    meta = prepare_nca_rows(tmp_path / "data" / "nca-rows", "--tokens", "2000", *NCA_ROW_FLAGS)
+    names = {}
+    exec(snippet, names)  # as written: data/nca-rows of the working directory
+    assert names["b"] == meta["num_train_rows"] // 16 - 1 and math.isfinite(names["loss"].item())
+    assert torch.equal(names["x"], read_rows(tmp_path / "data" / "nca-rows", "train", 49)[16 * names["b"]:][:16, :-1])
+    assert (names["y"][:, :10] == -1).all() and (names["y"][:, 10:] >= 0).all()
+
+
+def test_the_readme_takes_a_stage_one_model_to_transformers(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Use it in your own stack"):text.index("## The study")]
+    snippet = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    assert "python eval.py export --ckpt out/prepretrain/ckpt.pt --out_dir hf_nca" in section
+    monkeypatch.chdir(tmp_path)
+    tiny_checkpoint("out/prepretrain/ckpt.pt", vocab_size=258, nca_config=asdict(TINY_NCA), stage="prepretrain")
+    evaluate.main(["export", "--ckpt", "out/prepretrain/ckpt.pt", "--out_dir", "hf_nca"])
+    names = {}
+    exec(snippet, names)
+    model = names["model"]
+    assert isinstance(model, transformers.LlamaForCausalLM) and model.get_output_embeddings().weight.shape[0] == 50257
+    assert model(torch.tensor([[1, 2, 50256]])).logits.shape == (1, 3, 50257)

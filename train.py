@@ -1,13 +1,13 @@
 """
 Train a small Llama in three stages: NCA pre-pre-training, language pre-training, fine-tuning.
 
-  stage 1 prepretrain  next-token prediction on NCA rollouts streamed from nca.py (or a control corpus: dyck,
-                       random, c4)
+  stage 1 prepretrain  next-token prediction on NCA rollouts streamed from nca.py, or the same rows from files
+                       (python -m data.nca.prepare), or a control corpus (dyck, random, c4)
   stage 2 pretrain     the same transformer on text (data/<name>/train.bin); token embedding and output head are
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
-Read it top to bottom: the flags (TrainConfig), the three data sources, the schedule and the validation loss,
+Read it top to bottom: the flags (TrainConfig), the data sources, the schedule and the validation loss,
 build_model (what stage 2 keeps of stage 1), setup_stage, then train_stage, the loop of one stage, and main, which
 chains the stages. Called in one line each: the guards of safety.py (flag and data checks, memory, the folder lock,
 atomic saves, --resume's checks, Ctrl-C) and the machine side of runtime.py (torchrun ranks, GPU copies and
@@ -46,7 +46,7 @@ import nca
 import safety
 from runtime import RANK_SEED_STRIDE, Dist, Meter, Prefetch, rng_state, set_rng_state, setup_distributed, to_device
 from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, Progress, get_tokenizer, load_pairs,
-                         prepare_command, prepared)
+                         nca_rows, prepare_command, prepared)
 from eval import probe
 from model import GPT, GROUPS, ModelConfig, freeze_groups, transfer
 from safety import arg
@@ -67,9 +67,10 @@ class TrainConfig:
     dtype: str = arg("auto", "autocast precision: float32, bfloat16 or float16; auto: bfloat16 on a GPU that runs it "
                              "natively (Ampere or newer), else float32 (weights and AdamW stay float32)")
     compile: bool = arg(False, "torch.compile the model (GPU)")
-    # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a token corpus in data/
+    # stage 1: pre-pre-training. "nca" streams fresh rules; any other name is a folder in data_dir: NCA rows or tokens
     prepretrain_data: str = arg("nca", "nca (streamed); nca-shuffled (each sequence's patch tokens permuted: NCA's "
-                                       "statistics, no dynamics); or a token corpus as a control (dyck, random, c4)")
+                                       "statistics, no dynamics); a folder of NCA rows (python -m data.nca.prepare; "
+                                       "its NCA flags, not these); or a token corpus as a control (dyck, random, c4)")
     prepretrain_iters: int = arg(60, "0 skips the stage: the from-scratch control")
     prepretrain_lr: float = arg(3e-4, "gentle: aggressive stage-1 rates hurt the transfer at small scale")
     prepretrain_schedule: str = arg("cosine", "cosine, or ramp: warmup over the whole stage (the authors' code)")
@@ -132,7 +133,7 @@ def parse_args(argv=None, prog=None):
 
 
 # -----------------------------------------------------------------------------
-# data: three sources with one interface (get_batch, the fixed validation batches, state for --resume)
+# data: four sources with one interface (get_batch, the fixed validation batches, state for --resume)
 
 class Data:
     """What the loop needs of a data source: get_batch("train"), the fixed validation batches (self.val), and the
@@ -141,6 +142,7 @@ class Data:
     alike) and keeps its own block (own_rows), so together they train on the rows one process would. The validation
     set is eval_iters batches of --batch_size sequences whatever the number of processes: rank r of `world` keeps
     rows r, r + world, ... of each (validation_batches), and estimate_loss sums over the ranks."""
+    nca_cfg = None  # the NCA config of stage-1 NCA data (for the probe and the checkpoint), else None
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -222,6 +224,47 @@ class TokenData(Data):
         return self.batch(split, self.generator, self.batch_size * self.world, self.own_rows)
 
 
+class NCARowData(Data):
+    """Stage-1 NCA rows from a folder of python -m data.nca.prepare: row i of batch b is row b * batch_size + i of
+    train.bin, cut to block_size + 1 tokens, the first frame's targets masked: the batches NCAData streams for the
+    folder's seed and NCA config. Under torchrun the k-th batches of the ranks are rows k*B*world .. (k+1)*B*world - 1,
+    rank r's the r-th B of them (B rows per rank). After the last row, the first again. The validation set is the
+    first eval_iters x batch_size val rows (held-out rules: NCAData's), shared by the ranks (validation_batches)."""
+
+    def __init__(self, name, cfg, batch_size, block_size, rank=0, world=1):
+        self.data_dir, meta = prepared(cfg.data_dir, name, "tokens")
+        self.name, self.tokenizer, self.eot_token, self.vocab_size = name, None, None, meta["vocab_size"]
+        self.nca_cfg = nca.NCAConfig(**meta["nca_config"])
+        self.row_len, self.block_size = meta["row_len"], block_size
+        self.batch_size, self.rank, self.world, self.device = batch_size, rank, world, cfg.device
+        self.next_row = 0  # the first row of the ranks' next batches
+        for split in ("train", "val"):  # a bad id would crash the first forward (on CUDA: an assert)
+            safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
+                                    prepare_command(self.data_dir, name))
+        starts = iter(range(0, cfg.eval_iters * cfg.batch_size, cfg.batch_size))
+        self.val = validation_batches(lambda: self.rows("val", next(starts), cfg.batch_size), cfg.eval_iters, rank,
+                                      world)
+
+    def rows(self, split, start, num_rows):
+        """Rows start .. start + num_rows - 1 of a split (modulo its length) as (x, y)."""
+        data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        data = data.reshape(-1, self.row_len)
+        rows = torch.from_numpy(data[np.arange(start, start + num_rows) % len(data), :self.block_size + 1]
+                                .astype(np.int64))
+        return to_device(nca.inputs_and_targets(rows, self.nca_cfg), self.device)  # the first frame masked
+
+    def get_batch(self, split):
+        start = self.next_row + self.rank * self.batch_size  # this rank's block of the ranks' next rows
+        self.next_row += self.batch_size * self.world
+        return self.rows("train", start, self.batch_size)
+
+    def state_dict(self):
+        return {"next_row": self.next_row}
+
+    def load_state_dict(self, state):
+        self.next_row = state["next_row"]
+
+
 class PairData(Data):
     """Stage-3 prompt/completion pairs, tokenised with the model's tokenizer; loss on completion tokens only."""
 
@@ -272,6 +315,8 @@ def make_data(stage, cfg, nca_cfg, block_size, tokenizer, ddp):
     if stage == "prepretrain" and cfg.prepretrain_data in STREAMED:
         return NCAData(nca_cfg, cfg, ddp.batch_size, block_size, ddp.rank, ddp.world,
                        shuffle=cfg.prepretrain_data == "nca-shuffled")
+    if stage == "prepretrain" and nca_rows(os.path.join(cfg.data_dir, cfg.prepretrain_data)):
+        return NCARowData(cfg.prepretrain_data, cfg, ddp.batch_size, block_size, ddp.rank, ddp.world)
     if stage == "finetune":
         return PairData(cfg.finetune_data, cfg, ddp.batch_size, block_size, tokenizer, ddp.rank, ddp.world)
     return TokenData(getattr(cfg, f"{stage}_data"), cfg, ddp.batch_size, block_size, ddp.rank, ddp.world)
@@ -318,7 +363,7 @@ def probe_context(run, cfg):
     """How much the model uses its context (eval.probe): the loss late in a validation sequence minus early in it
     (for NCA, by whole frames), and how well it copies a repeated random sequence. null where undefined."""
     data = run.data
-    frame_len = data.nca_cfg.frame_len if isinstance(data, NCAData) else None
+    frame_len = data.nca_cfg.frame_len if data.nca_cfg else None
     special = (data.nca_cfg.start_token, data.nca_cfg.end_token) if frame_len else (data.eot_token,)
     values = probe(run.model, data.val, data.vocab_size, run.model.config.block_size, cfg.device, run.autocast,
                    frame_len=frame_len, exclude=special)
@@ -455,17 +500,18 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
         with open(os.path.join(stage_dir, "config.json"), "w") as f:  # its settings, readable without torch
-            json.dump(settings(run, cfg, nca_cfg), f, indent=1)
+            json.dump(settings(run, cfg), f, indent=1)
     return run
 
 
-def settings(run, cfg, nca_cfg):
-    """The run's settings: the config that rebuilds the model (model_args), the training flags, the NCA flags."""
+def settings(run, cfg):
+    """The run's settings: the config that rebuilds the model (model_args), the training flags, the NCA config of
+    the stage's NCA data (the flags', or an NCA rows folder's)."""
     return {"model_args": asdict(run.model.config), "config": asdict(cfg),
-            "nca_config": asdict(nca_cfg) if isinstance(run.data, NCAData) else None}
+            "nca_config": asdict(run.data.nca_cfg) if run.data.nca_cfg else None}
 
 
-def save(run, cfg, nca_cfg, ddp):
+def save(run, cfg, ddp):
     """Every rank hands rank 0 what it needs to resume (data order, RNG); rank 0 writes the checkpoint: a plain dict
     of plain types and state dicts, with the config that rebuilds the model (model_args)."""
     rank_state = ddp.gather({"data": run.data.state_dict(), **rng_state(cfg.device)})
@@ -474,7 +520,7 @@ def save(run, cfg, nca_cfg, ddp):
     data = run.data
     safety.save_checkpoint(run.ckpt_path, {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        **settings(run, cfg, nca_cfg),
+        **settings(run, cfg),
         "stage": run.name,
         "data": {"name": data.name, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                  "eot_token": data.eot_token},
@@ -483,7 +529,7 @@ def save(run, cfg, nca_cfg, ddp):
         "trainable": [n for n, p in run.model.named_parameters() if p.requires_grad]})
 
 
-def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
+def evaluate_and_save(run, cfg, ddp, train_loss, elapsed):
     """Validation loss on the fixed batches, one log record, then the checkpoint it describes. The record is written
     first: a kill between the two leaves a record past the checkpoint, which --resume drops and makes again."""
     val_loss = estimate_loss(run.model, run.data, run.autocast, ddp, Progress())  # a line every 10 s
@@ -499,7 +545,7 @@ def evaluate_and_save(run, cfg, nca_cfg, ddp, train_loss, elapsed):
             **probe_context(run, cfg)})
     run.last_logged = run.iter_num
     if run.iter_num > run.start_iter:
-        save(run, cfg, nca_cfg, ddp)
+        save(run, cfg, ddp)
 
 
 def forward_backward(run, ddp):
@@ -551,14 +597,14 @@ def train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp=Dist()):
                 forward_sync_buffers=False)
         if cfg.compile:
             run.train_model = torch.compile(run.train_model)
-        return train_loop(run, cfg, nca_cfg, ddp, stop)
+        return train_loop(run, cfg, ddp, stop)
     except safety.StopRequested:
         raise SystemExit(f"{stop.requested}: stopped before {stage} began; nothing to save") from None
     finally:
         stop.restore()
 
 
-def train_loop(run, cfg, nca_cfg, ddp, stop):
+def train_loop(run, cfg, ddp, stop):
     """Optimizer steps until max_iters, evaluating and saving every eval_interval iterations and at the end."""
     meter, loss = Meter(run), None
     try:
@@ -566,7 +612,7 @@ def train_loop(run, cfg, nca_cfg, ddp, stop):
             if (run.iter_num == run.max_iters or run.iter_num % cfg.eval_interval == 0) and \
                     run.iter_num != run.last_logged:  # (not again at an iteration resumed from)
                 with stop.interruptible():  # a stop drops the evaluation; --resume makes it again
-                    evaluate_and_save(run, cfg, nca_cfg, ddp, loss, time.time() - meter.t_start)
+                    evaluate_and_save(run, cfg, ddp, loss, time.time() - meter.t_start)
             if run.iter_num >= run.max_iters:
                 break
             with stop.interruptible():  # the next batch may take long to make (NCA with a narrow band)
@@ -591,7 +637,7 @@ def train_loop(run, cfg, nca_cfg, ddp, stop):
             if run.iter_num % cfg.log_interval == 0:
                 meter.log_line(loss, lr)
     except safety.StopRequested:  # Ctrl-C or SIGTERM: a checkpoint at this very step, then out
-        save(run, cfg, nca_cfg, ddp)
+        save(run, cfg, ddp)
         raise SystemExit(f"{stop.requested}: stopped at iteration {run.iter_num} of {run.name} and saved "
                          f"{run.ckpt_path}; continue with the same command and --resume") from None
     finally:

@@ -4,6 +4,9 @@ Pieces shared by every data/<name>/prepare.py: tokenizers, writing and checking 
 Token datasets (stages 1 and 2) follow nanoGPT:
     data/<name>/train.bin, val.bin   uint16 token ids, documents separated by the end-of-text token
     data/<name>/meta.json            {vocab_size, tokenizer, eot_token, ...}
+NCA rows (stage 1, data/nca/prepare.py) are token files too, of whole rows, one NCA rule each:
+    data/<name>/train.bin, val.bin   uint16, row_len = seq_len + 1 tokens per row
+    data/<name>/meta.json            {kind: "nca-rows", vocab_size, seq_len, row_len, masked_targets, nca_config, ...}
 Fine-tuning datasets (stage 3) are text, tokenised later with the model's own tokenizer:
     data/<name>/{train,val,test}.jsonl   one {"prompt", "completion", "answer"} per line
     data/<name>/meta.json                {task, stop, ...}
@@ -40,6 +43,7 @@ EOT_TEXT = "<|endoftext|>"
 UINT16_LIMIT = 2**16  # uint16 holds ids 0 .. 65535
 OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
 STREAMED = ("nca", "nca-shuffled")  # stage-1 data that nca.py makes on the fly: no files
+NCA_ROWS = "nca-rows"  # meta.json's "kind" of a folder of NCA rows written by data/nca/prepare.py
 # the paper's web corpora, prepared by data/hf/prepare.py: name -> (Hugging Face id, config, text field)
 HF_CORPORA = {
     "openwebtext": ("Skylion007/openwebtext", None, "text"),
@@ -75,7 +79,7 @@ class PrepareParser(ArgumentParser):
 
     def command(self, args):
         flags = [word for key, value in vars(args).items() if key != "out_dir" and value != self.get_default(key)
-                 for word in (f"--{key}", str(value))]
+                 for word in (f"--{key}", *map(str, value if isinstance(value, list) else [value]))]
         return shlex.join(self.prog.split() + flags)
 
 
@@ -471,11 +475,43 @@ def check_prepared(data_dir, name=None):
     meta, path = load_meta(data_dir, name), os.path.join(data_dir, "meta.json")
     check_field(meta, "vocab_size", f"a whole number from 1 to {UINT16_LIMIT} (ids are uint16)",
                 lambda v: whole_number(v, 1, UINT16_LIMIT), path, remake)
-    check_field(meta, "eot_token", f"a token id, a whole number from 0 to vocab_size - 1 = {meta['vocab_size'] - 1}",
-                lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
-    check_field(meta, "tokenizer", f"one of {', '.join(TOKENIZERS)}", lambda v: v in TOKENIZERS, path, remake)
+    token_ids = f"a token id, a whole number from 0 to vocab_size - 1 = {meta['vocab_size'] - 1}"
+    if meta.get("kind") == NCA_ROWS:
+        check_row_fields(meta, data_dir, token_ids, remake)
+    else:
+        check_field(meta, "eot_token", token_ids, lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
+        check_field(meta, "tokenizer", f"one of {', '.join(TOKENIZERS)}", lambda v: v in TOKENIZERS, path, remake)
     check_files(meta, data_dir, ("train.bin", "val.bin"), remake)
     return meta
+
+
+def check_row_fields(meta, data_dir, token_ids, remake):
+    """The fields of a folder of NCA rows (data/nca/prepare.py): rows of row_len = seq_len + 1 tokens, as many in each
+    file as meta.json says, START and END inside the vocabulary, the masked targets inside a row, the NCA config an
+    object (train.py checks its values)."""
+    path, most = os.path.join(data_dir, "meta.json"), 2 ** 40
+    check_field(meta, "seq_len", "a whole number >= 1", lambda v: whole_number(v, 1, most), path, remake)
+    check_field(meta, "row_len", f"seq_len + 1 = {meta['seq_len'] + 1}", lambda v: v == meta["seq_len"] + 1, path,
+                remake)
+    for key in ("start_token", "end_token"):
+        check_field(meta, key, token_ids, lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
+    check_field(meta, "masked_targets", f"a whole number from 0 to seq_len = {meta['seq_len']}",
+                lambda v: whole_number(v, 0, meta["seq_len"]), path, remake)
+    check_field(meta, "nca_config", "a JSON object of NCA flags", lambda v: isinstance(v, dict), path, remake)
+    for split in ("train", "val"):
+        rows = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) / (2 * meta["row_len"])
+        check_field(meta, f"num_{split}_rows", f"the number of rows {split}.bin holds ({rows:g})",
+                    lambda v: whole_number(v, 1, most) and v == rows, path, remake)
+
+
+def nca_rows(data_dir):
+    """Whether data_dir/meta.json says the folder holds NCA rows (a folder whose prepare has not finished does not:
+    its meta.json is a note, which the loaders refuse)."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            return json.load(f).get("kind") == NCA_ROWS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 UNRECORDED = set()  # folders already noted as having a meta.json that records no files
