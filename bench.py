@@ -186,7 +186,8 @@ def gpu_check(device, out_dir, data_dir):
     stages = ["--prepretrain_iters", "20", "--pretrain_iters", "20", "--finetune_iters", "10", "--eval_interval", "10"]
     run = os.path.join(out, "run")
     three = checks.run(f"three stages ({dtype}, fused AdamW {gpu}, NCA prefetch)",
-                       [py, "train.py", *small, *stages, "--out_dir", run], expect=["== finetune done", f"fused={gpu}"])
+                       [py, "-c", TRAIN_REPORTING_MEMORY, *small, *stages, "--out_dir", run],
+                       expect=["== finetune done", f"fused={gpu}"])
     check_stage_memory(checks, three.stdout, gpu)
     checks.run("torch.compile", [py, "train.py", *small, "--stage", "pretrain", "--pretrain_iters", "20", "--compile",
                                  "--out_dir", os.path.join(out, "compiled")], expect=["== pretrain done"])
@@ -277,6 +278,19 @@ def check_cached_generation(checks, ckpt_path, device):
     gap = float(logits.topk(2).values.diff().abs())
     checks.record(name, gap < 0.05, f"row {row} differs from token {step - 8} on, where the two best logits are "
                                     f"{gap:.3f} apart" + (" (a near tie)" if gap < 0.05 else ""))
+
+
+# train.py with a line per stage: the GPU memory still allocated as the stage starts (check_stage_memory reads them)
+TRAIN_REPORTING_MEMORY = """
+import sys, torch, train
+setup_stage = train.setup_stage
+def reporting(stage, cfg, *args):
+    if torch.device(cfg.device).type == "cuda":
+        print(f"gpu memory: {torch.cuda.memory_allocated(cfg.device) / 2 ** 20:.1f} MiB allocated as {stage} starts")
+    return setup_stage(stage, cfg, *args)
+train.setup_stage = reporting
+train.main(sys.argv[1:])
+"""
 
 
 def check_stage_memory(checks, stdout, gpu):

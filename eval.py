@@ -11,24 +11,22 @@ Hugging Face. Comparing several runs (study.sh's arms) is study.py's.
 Every subcommand has --help. Checkpoints are rebuilt from their own model_args, so no model flag is needed.
 """
 import argparse
-import itertools
-import json
 import math
 import os
 import sys
-import warnings
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import export
 import nca
 from data.common import (DATA_DIR, ArgumentParser, Progress, check_prepared, check_task, extract_answer,
                          get_tokenizer, load_pairs)
 from model import GPT, ModelConfig
 import safety
 from plots import loss_profile, plot_icl, plot_probe
+from probes import in_context_score, induction_score, loss_by_position, probe_summary
 from safety import load_checkpoint
 
 def load_model(ckpt_path, device):
@@ -170,148 +168,7 @@ def run_icl(args):
     return results
 
 # -----------------------------------------------------------------------------
-# in-context learning probe: loss by position, in-context score, induction (copy) score
-# Cheap enough for train.py to log at every evaluation: probe() runs one validation batch and 8 repeated random
-# sequences, about two forward passes.
-
-EARLY_WINDOW = (0.05, 0.15)  # fractions of the scored span; see in_context_score
-LATE_WINDOW = (0.85, 1.0)
-
-
-def per_token_loss(logits, targets):
-    """(B, T, V) logits, (B, T) targets -> (B, T) losses in float32 (0 where the target is -1)."""
-    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    return flat.view_as(targets)
-
-
-@torch.no_grad()
-def loss_by_position(model, batches):
-    """Mean loss (nats) at each position over (x, y) batches, targets of -1 ignored. -> float64 array as long as the
-    longest batch, NaN where no row has a target. The model runs as called: under the caller's autocast, if any."""
-    sums, counts = np.zeros(0), np.zeros(0)
-    for x, y in batches:
-        logits, _ = model(x, y)  # with targets the model returns every position's logits
-        T = y.shape[1]
-        if T > len(sums):  # batches of pairs are padded to their own longest pair
-            sums, counts = np.pad(sums, (0, T - len(sums))), np.pad(counts, (0, T - len(counts)))
-        sums[:T] += per_token_loss(logits, y).double().sum(dim=0).cpu().numpy()
-        counts[:T] += (y != -1).sum(dim=0).cpu().numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return sums / counts  # 0 / 0 -> NaN
-
-
-def window(n, fractions):
-    """The units [lo, hi) that fractions (a, b) of n units cover: at least one, and lo < n."""
-    lo = min(int(fractions[0] * n), n - 1)
-    return lo, max(lo + 1, int(fractions[1] * n))
-
-
-def loss_by_frame(losses, frame_len):
-    """Mean loss of each frame of an NCA sequence: the target at position t is token t + 1, which lies in frame
-    (t + 1) // frame_len. NaN for a frame that is not whole in the block or has an unscored position (frame 0 always:
-    its first token is never a target, and the stream masks the rest)."""
-    frame = (np.arange(len(losses)) + 1) // frame_len
-    by_frame = np.full(frame[-1] + 1, np.nan)
-    for f in range(len(by_frame)):
-        part = losses[frame == f]
-        if len(part) == frame_len and not np.isnan(part).any():
-            by_frame[f] = part.mean()
-    return by_frame
-
-
-def in_context_score(losses, first_scored=None, frame_len=None, early=EARLY_WINDOW, late=LATE_WINDOW):
-    """Loss late in the block minus loss early in it; below 0, the model predicts better with more context.
-
-    Olsson et al. 2022 ("In-context learning and induction heads", arXiv:2209.11895) take the loss of the 500th
-    token of the context minus that of the 50th. Our blocks are short, so the windows are fractions of the scored
-    span (from first_scored, default the first position with a target, to the last scored position): early [5%, 15%),
-    late [85%, 100%). In a block of 1024 the early window is positions ~50-150, around Olsson's 50th token: past the
-    first few tokens, whose loss is high for want of any context at all. With frame_len (NCA), the units are the whole
-    scored frames (loss_by_frame) instead of positions, so both windows weigh every place in a frame (START, patches,
-    END) alike and a context-blind model scores 0; the masked first frame is never in a window.
-    -> {icl_score, loss_early, loss_late, early, late: [start, stop) positions, loss_by_frame: array or None}"""
-    scored = ~np.isnan(losses)
-    if not scored.any():
-        raise ValueError("no position has a target (all targets are -1)")
-    first = int(np.argmax(scored)) if first_scored is None else first_scored
-    stop = len(losses) - int(np.argmax(scored[::-1]))  # one past the last scored position
-    by_frame = None
-    if frame_len:
-        by_frame = loss_by_frame(losses, frame_len)
-        frames = [f for f in np.flatnonzero(~np.isnan(by_frame)) if f * frame_len - 1 >= first]
-        if not frames:
-            raise ValueError(f"no whole scored frame of {frame_len} tokens in a block of {len(losses)}")
-        units, starts = by_frame[frames], [int(f) * frame_len - 1 for f in frames]
-        ends = [s + frame_len for s in starts]
-    else:
-        units, starts = losses[first:stop], list(range(first, stop))
-        ends = [s + 1 for s in starts]
-    (e0, e1), (l0, l1) = window(len(units), early), window(len(units), late)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a window of unscored positions only: NaN
-        loss_early, loss_late = np.nanmean(units[e0:e1]), np.nanmean(units[l0:l1])
-    return {"icl_score": float(loss_late - loss_early), "loss_early": float(loss_early),
-            "loss_late": float(loss_late), "early": (starts[e0], ends[e1 - 1]), "late": (starts[l0], ends[l1 - 1]),
-            "loss_by_frame": by_frame}
-
-
-def repeated_random_tokens(vocab_size, length, num_sequences, seed, exclude=()):
-    """(num_sequences, 2 * length) ids on the CPU: `length` ids drawn uniformly from the vocabulary less `exclude`
-    (special ids such as NCA's START and END or text's end-of-text), then the same ids again."""
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[[i for i in exclude if i is not None]] = False
-    ids = allowed.nonzero().squeeze(1)
-    if len(ids) == 0:
-        raise ValueError(f"exclude={exclude} leaves no token of a vocabulary of {vocab_size}")
-    generator = torch.Generator().manual_seed(seed)
-    half = ids[torch.randint(len(ids), (num_sequences, length), generator=generator)]
-    return torch.cat([half, half], dim=1)
-
-
-@torch.no_grad()
-def induction_score(model, vocab_size, block_size, device, num_sequences=8, seed=0, exclude=()):
-    """Loss on repeated random tokens (Olsson et al. 2022, arXiv:2209.11895, section on induction heads): sequences of
-    L = block_size // 2 random ids, twice. The first copy is unpredictable (~ln V for a model that knows nothing of
-    them); in the second, each token can be copied from L positions back. Scored: the targets 1..L-1 of the first copy
-    and L+1..2L-1 of the second (token L, the second copy's first, cannot be inferred). Those are the same (input,
-    target) pairs, so a context-blind model scores exactly 0 and a perfect copier about -ln V.
-    -> {loss_first_copy, loss_second_copy, induction_score: second - first, copy_accuracy: argmax on the second copy}"""
-    L = block_size // 2
-    if L < 2:
-        raise ValueError(f"block_size {block_size} is too short for two copies of at least 2 tokens")
-    tokens = repeated_random_tokens(vocab_size, L, num_sequences, seed, exclude).to(device)
-    x, y = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1
-    logits, _ = model(x, y)
-    losses = per_token_loss(logits, y)
-    first, second = losses[:, :L - 1].mean().item(), losses[:, L:].mean().item()
-    accuracy = (logits[:, L:].argmax(dim=-1) == y[:, L:]).float().mean().item()
-    return {"loss_first_copy": first, "loss_second_copy": second, "induction_score": second - first,
-            "copy_accuracy": accuracy}
-
-
-def probe_summary(icl, induction):
-    """The plain floats train.py logs: in_context_score's and induction_score's numbers."""
-    keys = ("icl_score", "loss_early", "loss_late")
-    return {**{k: float(icl[k]) for k in keys}, **{k: float(v) for k, v in induction.items()}}
-
-
-@torch.no_grad()
-def probe(model, val_batches, vocab_size, block_size, device, autocast=None, frame_len=None, first_scored=None,
-          exclude=(), num_batches=1, num_sequences=8, seed=0):
-    """In-context score of the first num_batches validation batches, and induction score of num_sequences repeated
-    random sequences (a fixed seed: the same sequences at every evaluation, so values are comparable). About two
-    forward passes. The model runs in eval mode and is put back in the mode it was in. Prints nothing.
-    -> {icl_score, loss_early, loss_late, loss_first_copy, loss_second_copy, induction_score, copy_accuracy}"""
-    training = model.training
-    model.eval()
-    try:
-        with autocast or nullcontext():
-            losses = loss_by_position(model, itertools.islice(val_batches, num_batches))
-            induction = induction_score(model, vocab_size, block_size, device, num_sequences, seed, exclude)
-    finally:
-        model.train(training)
-    return probe_summary(in_context_score(losses, first_scored, frame_len), induction)
-
+# the in-context probe of a checkpoint (probes.py: the scores, which train.py logs at every evaluation)
 
 def probe_batches(model, ckpt, args):
     """The checkpoint's kind of validation batches, rebuilt: held-out NCA rules (the training run's seed by default:
@@ -436,63 +293,6 @@ def run_passk(args):
     return results
 
 # -----------------------------------------------------------------------------
-# export to a Hugging Face Llama checkpoint: config.json + model.safetensors (or pytorch_model.bin)
-
-def to_hf_names(state_dict):
-    """Our names are LlamaForCausalLM's without the "model." prefix, which only the output head lacks there too."""
-    return {(name if name == "lm_head.weight" else "model." + name): t for name, t in state_dict.items()}
-
-
-def hf_config(model_args, data):
-    cfg = ModelConfig(**model_args)
-    eot = (data or {}).get("eot_token")
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
-        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
-        "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32", "initializer_range": 0.02,
-        "bos_token_id": eot, "eos_token_id": eot,  # our sequences have no BOS; documents end with end-of-text
-    }
-
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def save_weights(state, out_dir):
-    """The weights as transformers prefers them: model.safetensors (no pickle: loading it runs no code), where the
-    safetensors package is installed (transformers depends on it, so wherever transformers is); else
-    pytorch_model.bin, which every transformers reads. The other file, from an earlier export, is removed, so the
-    folder holds one model. -> the file's name"""
-    try:  # transformers reads a safetensors file whose metadata says format "pt"
-        from safetensors.torch import save_file
-        name, save = WEIGHT_FILES[0], lambda path: save_file(state, path, metadata={"format": "pt"})
-    except ImportError:
-        name, save = WEIGHT_FILES[1], lambda path: torch.save(state, path)
-    for old in WEIGHT_FILES:
-        if old != name and os.path.exists(os.path.join(out_dir, old)):
-            os.remove(os.path.join(out_dir, old))
-    save(os.path.join(out_dir, name))
-    return name
-
-
-def run_export(args):
-    safety.check_out_dir(args.out_dir, "config.json and the weights")
-    model, ckpt = load_model(args.ckpt, "cpu")
-    out_dir = args.out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(ckpt["model_args"], ckpt.get("data")), f, indent=2)
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    weights = save_weights(to_hf_names(state), out_dir)
-    tokenizer = (ckpt.get("data") or {}).get("tokenizer")
-    print(f"wrote {out_dir}/config.json and {weights}; load with "
-          f"transformers.LlamaForCausalLM.from_pretrained({out_dir!r}); tokenizer: "
-          f"{tokenizer or 'NCA patch tokens'} (data.common.get_tokenizer)")
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 def build_parser():
@@ -529,7 +329,7 @@ def build_parser():
     sub.add_argument("--max_new_tokens", type=int, default=16, help="longest completion")
     sub.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
-    sub = command("export", run_export,
+    sub = command("export", export.run_export,
                   "write a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors or pytorch_model.bin)")
     sub.add_argument("--out_dir", required=True, help="folder to write")
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data.common import (NCA_ROWS, OFFLINE_DATA, STREAMED, check_out_dir, check_prepared, check_task, get_tokenizer,
-                         load_pairs, prepare_command)
+                         load_pairs, prepare_command, prepared)
 from model import GPT, ModelConfig, likely_cause
 from nca import NCAConfig
 
@@ -278,6 +278,19 @@ def check_pairs_fit(encoded, data_dir, block_size):
                 raise ValueError(f"{os.path.join(data_dir, split)}.jsonl, record {number}: its prompt + completion "
                                  f"is {len(prompt) + len(completion)} tokens; --block_size {block_size} must be at "
                                  f"least {len(prompt) + len(completion) - 1}")
+
+
+def prepare_offline_data(cfg, stages, ddp):
+    """The offline datasets are made on first use, by rank 0 alone (two writers would corrupt a file); the other
+    ranks wait. A fine-tune from scratch needs its pre-training corpus too: its tokenizer."""
+    needed = [(getattr(cfg, f"{s}_data"), "pairs" if s == "finetune" else "tokens") for s in stages]
+    if "finetune" in stages and cfg.pretrain_data in OFFLINE_DATA:
+        needed.append((cfg.pretrain_data, "tokens"))
+    for name, kind in needed if ddp.master else ():
+        if name not in STREAMED:
+            prepared(cfg.data_dir, name, kind)
+    if ddp.world > 1:
+        torch.distributed.barrier()
 
 
 def validate_device(device):

@@ -1701,6 +1701,7 @@ from types import SimpleNamespace
 import torch.nn as nn
 
 import eval as evaluate
+import probes
 from data.common import get_tokenizer, save_pairs_dataset, save_token_dataset
 from model import GPT, ModelConfig
 
@@ -1935,19 +1936,19 @@ def test_probe_scores_a_context_blind_model_near_zero():
     model = ContextBlind(V, T)
     tokens = torch.randint(V, (B, T + 1), generator=torch.Generator().manual_seed(1))
     batches = [(tokens[:32, :-1], tokens[:32, 1:]), (tokens[32:, :-1], tokens[32:, 1:])]
-    losses = evaluate.loss_by_position(model, batches)
+    losses = probes.loss_by_position(model, batches)
     with torch.no_grad():
         per_token = F.cross_entropy(model(tokens[:, :-1])[0].flatten(0, 1), tokens[:, 1:].flatten(),
                                     reduction="none").view(B, T)
     assert losses.dtype == np.float64 and np.allclose(losses, per_token.mean(dim=0).numpy(), atol=1e-5)
-    icl = evaluate.in_context_score(losses)
+    icl = probes.in_context_score(losses)
     assert icl["early"] == (6, 19) and icl["late"] == (108, 128)  # [5%, 15%) and [85%, 100%) of 128 positions
     # i.i.d. tokens: every position's loss is an independent draw of one distribution, so the difference of the two
     # window means is 0 within 5 standard errors (13 and 20 positions of 64 rows)
     standard_error = per_token.std().item() * math.sqrt(1 / (B * 13) + 1 / (B * 20))
     assert abs(icl["icl_score"]) < 5 * standard_error
     # the two copies hold the same (input, target) pairs, so a context-blind model scores 0 up to rounding
-    induction = evaluate.induction_score(model, V, T, "cpu")
+    induction = probes.induction_score(model, V, T, "cpu")
     assert induction["induction_score"] == pytest.approx(0.0, abs=1e-5)
     assert induction["loss_first_copy"] > math.log(V) - 0.5  # random tokens: nothing to predict them from
 
@@ -1958,27 +1959,27 @@ def test_in_context_score_windows_whole_frames_after_the_masked_first():
     frame = (np.arange(T) + 1) // L
     periodic = np.where(place == 0, 0.0, 1.0)  # START is free to predict, every other token costs 1
     periodic[:L - 1] = np.nan  # the first frame is masked, as NCAStream does
-    by_frames = evaluate.in_context_score(periodic, frame_len=L)
+    by_frames = probes.in_context_score(periodic, frame_len=L)
     assert by_frames["icl_score"] == 0.0  # whole frames: START counts the same in both windows
     assert by_frames["early"] == (9, 19) and by_frames["late"] == (79, 99)  # frames 1, and 8-9 of 1..9
     assert np.isnan(by_frames["loss_by_frame"][[0, 10]]).all()  # masked frame 0, frame 10 cut by the block
-    assert evaluate.in_context_score(periodic)["icl_score"] != 0.0  # positions: START's share differs by window
+    assert probes.in_context_score(periodic)["icl_score"] != 0.0  # positions: START's share differs by window
     falling = np.where(frame > 0, periodic * 2.0 / np.maximum(frame, 1), np.nan)
-    result = evaluate.in_context_score(falling, frame_len=L)
+    result = probes.in_context_score(falling, frame_len=L)
     assert result["loss_early"] == pytest.approx(1.8) and result["loss_late"] == pytest.approx((1.8 / 8 + 1.8 / 9) / 2)
     assert result["icl_score"] < 0
-    assert evaluate.in_context_score(falling, first_scored=29, frame_len=L)["early"] == (29, 39)  # from frame 3
+    assert probes.in_context_score(falling, first_scored=29, frame_len=L)["early"] == (29, 39)  # from frame 3
 
 
 def test_induction_score_of_a_perfect_copier_is_minus_log_v():
     V, T = 50, 64
-    result = evaluate.induction_score(Copier(V, T), V, T, "cpu", exclude=(0, V - 1))
+    result = probes.induction_score(Copier(V, T), V, T, "cpu", exclude=(0, V - 1))
     assert result["copy_accuracy"] == 1.0 and result["loss_second_copy"] < 1e-6
     assert result["loss_first_copy"] == pytest.approx(math.log(V), rel=1e-6)  # uniform logits
     assert result["induction_score"] == pytest.approx(-math.log(V), rel=1e-5)
-    tokens = evaluate.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1, None))
+    tokens = probes.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1, None))
     assert torch.equal(tokens[:, :32], tokens[:, 32:]) and tokens.min() >= 1 and tokens.max() <= V - 2
-    assert torch.equal(tokens, evaluate.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1)))
+    assert torch.equal(tokens, probes.repeated_random_tokens(V, 32, 8, seed=0, exclude=(0, V - 1)))
 
 
 def test_probe_on_a_tiny_gpt_and_the_probe_command(tmp_path, capsys):
@@ -1991,7 +1992,7 @@ def test_probe_on_a_tiny_gpt_and_the_probe_command(tmp_path, capsys):
     keys = {"icl_score", "loss_early", "loss_late", "loss_first_copy", "loss_second_copy", "induction_score",
             "copy_accuracy"}
     for autocast in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
-        result = evaluate.probe(model, val, cfg.vocab_size, 64, "cpu", autocast, frame_len=cfg.frame_len,
+        result = probes.probe(model, val, cfg.vocab_size, 64, "cpu", autocast, frame_len=cfg.frame_len,
                                 exclude=(cfg.start_token, cfg.end_token))
         assert set(result) == keys and all(type(v) is float and math.isfinite(v) for v in result.values())
     assert model.training  # put back in the mode it was in
@@ -2258,7 +2259,7 @@ def test_perplexity_refuses_another_tokenizer(tmp_path):
 
 
 def from_hf_names(hf_state_dict):
-    """The inverse of eval.to_hf_names."""
+    """The inverse of export.to_hf_names."""
     state_dict = {}
     for name, tensor in hf_state_dict.items():
         if name != "lm_head.weight" and not name.startswith("model."):

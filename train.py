@@ -7,13 +7,9 @@ Train a small Llama in three stages: NCA pre-pre-training, language pre-training
                        re-initialised because the vocabulary changes, everything else carries over
   stage 3 finetune     prompt/completion pairs (data/<task>/*.jsonl), the loss on completion tokens only
 
-Read it top to bottom: the flags (TrainConfig), the data sources, the schedule and the validation loss,
-build_model (what stage 2 keeps of stage 1), setup_stage, then train_stage, the loop of one stage, and main, which
-chains the stages. Called in one line each: the guards of safety.py (flag and data checks, memory, the folder lock,
-atomic saves, --resume's checks, Ctrl-C) and the machine side of runtime.py (torchrun ranks, GPU copies and
-prefetch, speed). bench.py times this loop.
-
-Every hyperparameter is a flag (python train.py --help). Examples:
+Read it top to bottom: the flags, the data sources, the schedule and the validation loss, build_model (what stage 2
+keeps of stage 1), setup_stage, the step and the loop of one stage, and main, which chains the stages. The guards of
+safety.py and the machine side of runtime.py (torchrun, GPU copies, prefetch, speed) are called in one line each.
 
   python train.py                                   # all three stages on the offline default (stdlib code, arith)
   python train.py --prepretrain_iters 0             # the control: the same run with no stage 1 (from scratch)
@@ -23,8 +19,7 @@ Every hyperparameter is a flag (python train.py --help). Examples:
   python train.py --resume                          # continue an interrupted run where it stopped
   torchrun --standalone --nproc_per_node=4 train.py # 4 GPUs share each step's batch
 
-Each stage writes out_dir/<stage>/ckpt.pt (the latest state, saved atomically), out_dir/<stage>/log.jsonl (one
-line per evaluation, read by eval.py and study.py) and out_dir/<stage>/config.json (the run's settings).
+Each stage writes out_dir/<stage>/ckpt.pt (the latest state), log.jsonl (a line per evaluation) and config.json.
 """
 import argparse
 import dataclasses
@@ -45,9 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 import nca
 import safety
 from runtime import RANK_SEED_STRIDE, Dist, Meter, Prefetch, rng_state, set_rng_state, setup_distributed, to_device
-from data.common import (DATA_DIR, OFFLINE_DATA, STREAMED, ArgumentParser, Progress, get_tokenizer, load_pairs,
+from data.common import (DATA_DIR, STREAMED, ArgumentParser, Progress, get_tokenizer, load_pairs,
                          nca_rows, prepare_command, prepared)
-from eval import probe
+from probes import probe
 from model import GPT, GROUPS, ModelConfig, freeze_groups, transfer
 from safety import arg
 
@@ -81,11 +76,9 @@ class TrainConfig:
     pretrain_data: str = arg("stdlib", "a token corpus in data_dir")
     pretrain_iters: int = arg(500, "iterations of stage 2")
     pretrain_lr: float = arg(2e-3, "peak learning rate of stage 2")
-    reinit: str = arg("auto", "groups re-initialised on the transfer into stage 2, or into the one stage --stage "
-                              "names (embedding,head,attention,mlp,norm); auto: embedding,head after stage 1 (the "
-                              "paper) or on a new vocabulary. Stage 3 of --stage all carries everything")
-    freeze: str = arg("", "groups kept frozen in stage 2, or in the one stage --stage names, whether it starts from a "
-                          "checkpoint or from scratch (comma-separated, as --reinit)")
+    reinit: str = arg("auto", "groups of stage 2 (or of the one --stage) re-initialised: embedding,head,attention,mlp,"
+                              "norm; auto: embedding,head on a new vocabulary (the paper)")
+    freeze: str = arg("", "groups of stage 2 (or of the one --stage) kept frozen, from a checkpoint or from scratch")
     embed_init: str = arg("small", "a fresh embedding and head of the text stages: small (N(0, 0.02)) or torch "
                                    "(PyTorch's defaults, embedding N(0, 1): the authors' code, in both arms)")
     # stage 3: fine-tuning
@@ -360,7 +353,7 @@ def estimate_loss(model, data, autocast, ddp=Dist(), progress=lambda message: No
 
 
 def probe_context(run, cfg):
-    """How much the model uses its context (eval.probe): the loss late in a validation sequence minus early in it
+    """How much the model uses its context (probes.probe): the loss late in a validation sequence minus early in it
     (for NCA, by whole frames), and how well it copies a repeated random sequence. null where undefined."""
     data = run.data
     frame_len = data.nca_cfg.frame_len if data.nca_cfg else None
@@ -442,8 +435,6 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     read to the CPU and dropped once copied: nothing of them stays alive during training."""
     stage_dir = os.path.join(cfg.out_dir, stage)
     ckpt_path, log_path = os.path.join(stage_dir, "ckpt.pt"), os.path.join(stage_dir, "log.jsonl")
-    if torch.device(cfg.device).type == "cuda":  # bench.py check reads it: nothing of the stage before is left
-        print(f"gpu memory: {torch.cuda.memory_allocated(cfg.device) / 2 ** 20:.1f} MiB allocated as {stage} starts")
     resume = init = None
     if cfg.resume and os.path.exists(ckpt_path):
         resume = safety.load_checkpoint(ckpt_path, "--resume: ")
@@ -649,19 +640,6 @@ def train_loop(run, cfg, ddp, stop):
     return run.ckpt_path, stats
 
 
-def prepare_datasets(cfg, stages, ddp):
-    """The offline datasets are made on first use, by rank 0 alone (two writers would corrupt a file); the other
-    ranks wait. A fine-tune from scratch needs its pre-training corpus too: its tokenizer."""
-    needed = [(getattr(cfg, f"{s}_data"), "pairs" if s == "finetune" else "tokens") for s in stages]
-    if "finetune" in stages and cfg.pretrain_data in OFFLINE_DATA:
-        needed.append((cfg.pretrain_data, "tokens"))
-    for name, kind in needed if ddp.master else ():
-        if name not in STREAMED:
-            prepared(cfg.data_dir, name, kind)
-    if ddp.world > 1:
-        dist.barrier()
-
-
 def main(argv=None):
     cfg, model_cfg, nca_cfg = parse_args(argv)
     ddp = setup_distributed(cfg)
@@ -680,20 +658,19 @@ def main(argv=None):
 
 def run_stages(cfg, model_cfg, nca_cfg, stages, ddp):
     """The stages in order, each starting from the checkpoint of the one before (or --init_from)."""
-    prepare_datasets(cfg, stages, ddp)
+    safety.prepare_offline_data(cfg, stages, ddp)
     init_path = cfg.init_from
     for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
         if stage not in stages:
             print(f"== {stage}: 0 iterations, skipped")
             continue
-        # the previous stage's model, optimizer, data and prefetch thread are gone by now: only its checkpoint
-        # (init_path) carries over, so the next stage's memory is its own
+        # only the checkpoint (init_path) of a stage carries over: the next stage's memory is its own
         init_path, _ = train_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp)
-        if cfg.compile:  # torch.compile's caches hold the stage's graphs, and through them its process group:
-            torch._dynamo.reset()  # released with the stage (and the reference cycles they leave collected), so
-            gc.collect()           # that destroy_process_group can end the group's threads before the exit
+        if cfg.compile:  # compiled graphs hold the stage (and its process group) until reset
+            torch._dynamo.reset()
+            gc.collect()
         if torch.device(cfg.device).type == "cuda":
-            torch.cuda.empty_cache()  # hand the cached blocks of the stage before back to the allocator
+            torch.cuda.empty_cache()
         if ddp.world > 1:
             dist.barrier()  # the next stage (and the exit) waits for rank 0's checkpoint
 
