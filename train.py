@@ -479,20 +479,25 @@ def setup_stage(stage, cfg, model_cfg, nca_cfg, init_path, ddp):
     if init is not None:
         run.prior_tokens = init["prior_tokens"] + init["tokens_seen"]
     if resume is not None:
-        run.optimizer.load_state_dict(resume["optimizer"])  # moved to the parameters' device by torch
-        if resume.get("scaler"):  # float16's loss scale where it was (empty when it ran in another precision)
-            run.scaler.load_state_dict(resume["scaler"])
-        rank_state = resume["rank_state"][ddp.rank]
-        run.data.load_state_dict(rank_state["data"])
-        set_rng_state(rank_state, cfg.device)
-        run.iter_num = run.start_iter = resume["iter_num"]
-        run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
-                                                                resume["best_val_loss"])
+        restore(run, resume, cfg, ddp)
     elif ddp.master:
         open(log_path, "w").close()  # a fresh run starts a fresh log
         with open(os.path.join(stage_dir, "config.json"), "w") as f:  # its settings, readable without torch
             json.dump(settings(run, cfg), f, indent=1)
     return run
+
+
+def restore(run, resume, cfg, ddp):
+    """Where a resumed stage stood: optimizer, float16 loss scale, this rank's data order and RNG, the counters."""
+    run.optimizer.load_state_dict(resume["optimizer"])  # moved to the parameters' device by torch
+    if resume.get("scaler"):  # (empty when it ran in another precision)
+        run.scaler.load_state_dict(resume["scaler"])
+    rank_state = resume["rank_state"][ddp.rank]
+    run.data.load_state_dict(rank_state["data"])
+    set_rng_state(rank_state, cfg.device)
+    run.iter_num = run.start_iter = resume["iter_num"]
+    run.tokens_seen, run.prior_tokens, run.best_val_loss = (resume["tokens_seen"], resume["prior_tokens"],
+                                                            resume["best_val_loss"])
 
 
 def settings(run, cfg):

@@ -71,7 +71,8 @@ def main(argv=None):
     except ValueError as e:  # too few documents for train and val
         parser.error(f"{e}; give more of them (--from_file, --max_docs, --max_tokens)")
     save_token_dataset(out_dir, enc, train_ids, val_ids, parser.command(args), dataset=args.dataset,
-                       source=args.from_file or CORPORA[args.dataset][0], val_fraction=args.val_fraction, seed=args.seed)
+                       source=args.from_file or CORPORA[args.dataset][0], val_fraction=args.val_fraction,
+                       seed=args.seed)
 
 
 if __name__ == "__main__":
