@@ -21,6 +21,7 @@ nca` measures the stream's speed. Needs only torch and numpy: copy it anywhere.
 """
 import functools
 import math
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -405,10 +406,13 @@ class NCAStream:
         return stream_seeds(self.seed, stream, index, self.held_out)
 
     def filter_rules(self, n):
-        """The seeds of the first n rules whose gzip ratio is in the band."""
-        kept = []
+        """The seeds of the first n rules whose gzip ratio is in the band (a line every 10 s while it searches)."""
+        kept, start, last = [], time.time(), time.time()
         while len(kept) < n:
             kept += self.fresh_rules()[0][:n - len(kept)]
+            if time.time() - last > 10:
+                last, rate = time.time(), len(kept) / (time.time() - start)
+                print(f"NCA pool: {len(kept):,} of {n:,} rules, ETA {(n - len(kept)) / rate:.0f}s", flush=True)
         return self.seeds(RULE_SEEDS, torch.tensor(kept, device=self.device))
 
     def accept(self, ratios):
