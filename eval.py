@@ -102,15 +102,6 @@ def held_out_sequences(cfg, num_rules, num_frames, seed, device="cpu"):
     return stream.next_sequences()
 
 
-@torch.no_grad()
-def greedy_decode(model, context, num_tokens):
-    """Extend context (B, T) by num_tokens argmax tokens, each fed back in. -> the new tokens (B, num_tokens)"""
-    for _ in range(num_tokens):
-        logits, _ = model(context)  # (B, 1, V): the model returns the last position only without targets
-        context = torch.cat([context, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    return context[:, -num_tokens:]
-
-
 def cells_of_patches(patch_tokens, cfg):
     """Patch tokens (R, P) -> cells (R, H, W) through nca.decode. A position that holds no patch id (a START or END
     the model put in the wrong place) becomes cells of -1, which count as wrong whatever the truth is."""
@@ -137,7 +128,7 @@ def icl_accuracy(model, sequences, cfg, max_k, log=print):
                          f"{(block_size + 1) // L - 1}")
     results = {"k": [], "cell_accuracy": [], "frame_accuracy": [], "copy_accuracy": []}
     for k in range(1, max_k + 1):
-        predicted = greedy_decode(model, sequences[:, :k * L], L)
+        predicted = model.generate(sequences[:, :k * L], L, temperature=0)[:, k * L:]  # greedy, with the KV cache
         truth = cells_of_patches(sequences[:, k * L + 1:(k + 1) * L - 1], cfg)
         correct = cells_of_patches(predicted[:, 1:-1], cfg) == truth  # (R, H, W); the delimiters are not scored
         previous = cells_of_patches(sequences[:, (k - 1) * L + 1:k * L - 1], cfg)

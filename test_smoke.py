@@ -1833,7 +1833,17 @@ def test_decode_completions_cuts_at_end_of_text():
 # NCA in-context accuracy
 
 
-class AnswerLookup(nn.Module):
+class GreedyFake(nn.Module):
+    """A stand-in for GPT whose forward gives the last position's logits: generate feeds its argmax back in."""
+
+    def generate(self, idx, max_new_tokens, temperature=1.0):
+        assert temperature == 0  # icl_accuracy decodes greedily
+        for _ in range(max_new_tokens):
+            idx = torch.cat([idx, self(idx)[0][:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+        return idx
+
+
+class AnswerLookup(GreedyFake):
     """A 'perfect predictor' given the answers: its logits put all weight on the true next token of each row."""
 
     def __init__(self, sequences, vocab_size):
@@ -1847,7 +1857,7 @@ class AnswerLookup(nn.Module):
         return F.one_hot(self.sequences[:, T], self.vocab_size).float()[:, None, :], None
 
 
-class Constant(nn.Module):
+class Constant(GreedyFake):
     def __init__(self, token, vocab_size):
         super().__init__()
         self.token, self.vocab_size = token, vocab_size
