@@ -1347,6 +1347,17 @@ print("not stopped")
 """
 
 
+def test_ctrl_c_ends_a_prepare_in_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "data.nca.prepare", "--tokens", "50000000", "--out_dir",
+                             str(tmp_path / "rows")], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and stderr.strip().splitlines() == [
+        "interrupted (Ctrl-C); a folder half-written is marked unfinished: run the command again"], stderr
+
+
 def test_a_second_stop_request_ends_the_process_at_once_without_a_traceback():
     result = subprocess.run([sys.executable, "-c", STOP_TWICE], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=60)

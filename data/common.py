@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Sized
@@ -81,6 +82,15 @@ class PrepareParser(ArgumentParser):
         flags = [word for key, value in vars(args).items() if key != "out_dir" and value != self.get_default(key)
                  for word in (f"--{key}", *map(str, value if isinstance(value, list) else [value]))]
         return shlex.join(self.prog.split() + flags)
+
+
+def run_prepare(main):
+    """A prepare script's main(), with Ctrl-C ending it in one line: a folder it was writing stays marked unfinished
+    (see preparing), which every loader refuses."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted (Ctrl-C); a folder half-written is marked unfinished: run the command again")
 
 
 def prepare_parser(script, doc):

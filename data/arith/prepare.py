@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from data.common import (PAIR_FILES, check_out_dir, non_negative_int, positive_int, prepare_parser,
+from data.common import (PAIR_FILES, check_out_dir, non_negative_int, positive_int, prepare_parser, run_prepare,
                          save_pairs_dataset)
 
 STOP = "\n"
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

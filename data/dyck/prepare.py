@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from data.common import (TOKEN_FILES, check_out_dir, fraction, get_tokenizer, non_negative_int, positive_int,
-                         prepare_parser, save_token_dataset, tokenize_documents)
+                         prepare_parser, run_prepare, save_token_dataset, tokenize_documents)
 
 BRACKETS = ("()", "[]", "{}", "<>")
 
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

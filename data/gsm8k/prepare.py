@@ -14,7 +14,7 @@ test is GSM8K's own test split.
 import os
 
 from data.common import (PAIR_FILES, check_out_dir, extract_answer, held_out_mask, input_file, non_negative_int,
-                         positive_int, prepare_parser, read_jsonl, save_pairs_dataset)
+                         positive_int, prepare_parser, read_jsonl, run_prepare, save_pairs_dataset)
 
 STOP = "\n\n"
 
@@ -71,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

@@ -13,9 +13,9 @@ documents are separated by <|endoftext|>, and writes it exactly as the streamed 
 import itertools
 import os
 
-from data.common import (DATA_DIR, EOT_TEXT, HF_CORPORA as CORPORA, TOKEN_FILES, TOKENIZERS, check_out_dir, fraction,
+from data.common import (DATA_DIR, EOT_TEXT, HF_CORPORA as CORPORA, TOKENIZERS, TOKEN_FILES, check_out_dir, fraction,
                          get_tokenizer, input_file, non_negative_int, positive_int, prepare_parser, read_jsonl,
-                         save_token_dataset, tokenize_documents)
+                         run_prepare, save_token_dataset, tokenize_documents)
 
 
 def stream_documents(dataset):
@@ -76,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

@@ -31,7 +31,7 @@ import nca
 import plots
 import safety
 from data.common import (DATA_DIR, NCA_ROWS, UINT16_LIMIT, Progress, check_out_dir, file_record, non_negative_int,
-                         positive_int, prepare_parser, preparing, write_meta, write_split)
+                         positive_int, prepare_parser, preparing, run_prepare, write_meta, write_split)
 
 ROW_FILES = "train.bin/val.bin/rules.csv/meta.json/README.md"
 
@@ -202,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from data.common import (TOKEN_FILES, check_out_dir, fraction, get_tokenizer, held_out_documents, non_negative_int,
-                         positive_int, prepare_parser, save_token_dataset)
+                         positive_int, prepare_parser, run_prepare, save_token_dataset)
 
 
 def random_documents(num_documents, doc_length, eot_token, rng):
@@ -51,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)

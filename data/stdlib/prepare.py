@@ -13,8 +13,8 @@ import os
 import sys
 import sysconfig
 
-from data.common import (TOKEN_FILES, TOKENIZERS, check_out_dir, fraction, get_tokenizer, non_negative_int,
-                         positive_int, prepare_parser, save_token_dataset, tokenize_documents)
+from data.common import (TOKENIZERS, TOKEN_FILES, check_out_dir, fraction, get_tokenizer, non_negative_int,
+                         positive_int, prepare_parser, run_prepare, save_token_dataset, tokenize_documents)
 
 # installed packages, the test suites and their data (some deliberately odd files) are not "the standard library"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -67,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare(main)
