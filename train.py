@@ -161,8 +161,9 @@ class NCAData(Data):
         self.stream = nca.NCAStream(nca_cfg, batch_size, block_size, seed=cfg.seed, device=cfg.device,
                                     num_rules=cfg.nca_num_rules, chunk=cfg.nca_chunk, rank=rank, world=world,
                                     shuffle=shuffle)
-        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,  # rules no
-                                 chunk=cfg.nca_chunk, held_out=True, shuffle=shuffle)  # training stream draws
+        # the validation rules are held out: no training stream draws them
+        held_out = nca.NCAStream(nca_cfg, cfg.batch_size, block_size, seed=cfg.seed, device=cfg.device,
+                                 chunk=cfg.nca_chunk, held_out=True, shuffle=shuffle)
         self.val = validation_batches(held_out.next_batch, cfg.eval_iters, rank, world)
         # the next batch is made in a thread while the model trains (the stream's state before it, for --resume)
         self.prefetch = Prefetch(self.stream.next_batch, self.stream.state_dict, cfg.device) if cfg.nca_prefetch \
