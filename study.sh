@@ -12,8 +12,8 @@
 #   dyck               stage 1 on Dyck (balanced brackets), the same token budget and learning rate
 #   random             stage 1 on uniform random bytes, the same budget and rate: a warm start with nothing to learn
 #   c4                 stage 1 on natural text (needs `python -m data.hf.prepare --dataset c4`, a download)
-#   nca-reinit-attn    the nca stage-1 model, but attention re-initialised before stage 2 (only MLP, norms carried)
-#   nca-reinit-mlp     the nca stage-1 model, but MLPs re-initialised before stage 2 (only attention, norms carried)
+#   nca-mlp-only       the nca arm's stage-1 model, but attention re-initialised before stage 2 (MLP, norms carried)
+#   nca-attention-only the nca arm's stage-1 model, but MLPs re-initialised before stage 2 (attention, norms carried)
 # what transfers, and why (each the nca arm with one thing changed, unless said):
 #   nca-shuffled       the same NCA sequences with each sequence's patch tokens permuted: NCA's token statistics,
 #                      no dynamics
@@ -38,9 +38,8 @@
 #   nca-torch-init-w256, scratch-torch-init-w256
 #                      the initialisation question at width 256 (as nca-torch-init and scratch-torch-init)
 #   nca-attention-only-w256, nca-mlp-only-w256, nca-attention-only-w512, nca-mlp-only-w512
-#                      what carries the transfer: the width's nca arm's own stage-1 checkpoint of the seed, with the
-#                      MLPs (attention-only) or the attention (mlp-only) re-initialised before stage 2; embedding and
-#                      head re-initialised and norms carried, as always (stage 1 runs once per seed, in the nca arm)
+#                      the same two at widths 256 and 512, from the nca-w256 (nca-w512) arm's stage 1 of the seed
+#                      (stage 1 runs once per seed); embedding and head re-initialised, norms carried, as always
 #   nca-lr5e-4-w512, nca-lr2e-3-w512
 #                      the stage-2 rate probe of the NCA arm at width 512: nca-w512's stage-1 checkpoint, stage 2 at
 #                      5e-4 or 2e-3 instead of the 1e-3 chosen on scratch alone
@@ -66,14 +65,15 @@ export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by si
 mkdir -p $OUT
 
 from_nca_stage1() {  # from_nca_stage1 <arm> <seed> <dir>: stage 2 only, from the stage-1 checkpoint of the width's nca arm
-  local arm=$1 seed=$2 dir=$3 width=${1##*-} flags=$WIDE reinit=embedding,head lr=""
-  if [ $width = w512 ]; then flags=$WIDER; fi
-  if [[ $arm == nca-attention-only-* ]]; then reinit=embedding,head,mlp; fi
-  if [[ $arm == nca-mlp-only-* ]]; then reinit=embedding,head,attention; fi
+  local arm=$1 seed=$2 dir=$3 width="" flags="" reinit=embedding,head lr=""
+  if [[ $arm == *-w256 ]]; then width=-w256 flags=$WIDE; fi
+  if [[ $arm == *-w512 ]]; then width=-w512 flags=$WIDER; fi
+  if [[ $arm == nca-attention-only* ]]; then reinit=embedding,head,mlp; fi
+  if [[ $arm == nca-mlp-only* ]]; then reinit=embedding,head,attention; fi
   if [[ $arm == nca-lr* ]]; then lr="--pretrain_lr $(echo $arm | sed 's/nca-lr\(.*\)-w512/\1/')"; fi
-  python train.py $COMMON $STAGE1 $flags --stage prepretrain --seed $seed --out_dir $OUT/nca-${width}_seed$seed
+  python train.py $COMMON $STAGE1 $flags --stage prepretrain --seed $seed --out_dir $OUT/nca${width}_seed$seed
   python train.py $COMMON $STAGE2 $flags $lr --stage pretrain --reinit $reinit \
-    --init_from $OUT/nca-${width}_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir
+    --init_from $OUT/nca${width}_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir
 }
 
 run_arm() {  # run_arm <arm> <seed>
@@ -84,12 +84,9 @@ run_arm() {  # run_arm <arm> <seed>
                      python train.py $COMMON $STAGE2 --prepretrain_iters 0 --embed_init torch --seed $seed --out_dir $dir ;;
     nca)             python train.py $COMMON $STAGE1 $STAGE2 --seed $seed --out_dir $dir ;;
     dyck|random|c4)  python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data $arm --seed $seed --out_dir $dir ;;
-    nca-reinit-attn|nca-reinit-mlp)
-      [ -f $OUT/nca_seed$seed/prepretrain/ckpt.pt ] || run_arm nca $seed
-      local group=$([ $arm = nca-reinit-attn ] && echo attention || echo mlp)
-      python train.py $COMMON $STAGE2 --stage pretrain --reinit embedding,head,$group \
-        --init_from $OUT/nca_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir ;;
-    nca-attention-only-w256|nca-mlp-only-w256|nca-attention-only-w512|nca-mlp-only-w512|nca-lr5e-4-w512|nca-lr2e-3-w512)
+    nca-attention-only|nca-mlp-only|nca-attention-only-w256|nca-mlp-only-w256)
+                     from_nca_stage1 $arm $seed $dir ;;
+    nca-attention-only-w512|nca-mlp-only-w512|nca-lr5e-4-w512|nca-lr2e-3-w512)
                      from_nca_stage1 $arm $seed $dir ;;
     nca-shuffled)    python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data nca-shuffled --seed $seed --out_dir $dir ;;
     nca-pool)        python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --seed $seed --out_dir $dir ;;
