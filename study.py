@@ -120,13 +120,13 @@ def speedup(baseline_curve, curve):
 
 
 def expand_runs(patterns):
-    """Run folders from names and glob patterns (quoted patterns reach us unexpanded)."""
+    """Run folders from names and glob patterns (quoted patterns reach us unexpanded), each once, in order."""
     runs = []
     for pattern in patterns:
         matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
         if not matches:
             raise FileNotFoundError(f"--runs: {pattern} matches no folder; give run folders (train.py --out_dir)")
-        runs += matches
+        runs += [p for p in matches if os.path.normpath(p) not in map(os.path.normpath, runs)]
     return runs
 
 
@@ -492,8 +492,8 @@ def size_rows(run_dirs, families, baseline="scratch"):
         if (params, seed) not in base:
             print(f"left out {run}: no {baseline} run of width {width} and seed {seed} to pair it with")
             continue
-        rows.append({"family": family, "width": width, "params": params, "seed": seed, "loss": loss,
-                     "gain": loss - base[params, seed]})
+        rows.append({"family": family, "arm": arm_of(run)[0], "width": width, "params": params, "seed": seed,
+                     "loss": loss, "gain": loss - base[params, seed]})
     if not rows:
         raise ValueError(f"--runs: no run of {', '.join(families)} has a {baseline} twin of its width and seed")
     return rows
@@ -574,7 +574,7 @@ def carried_table(rows, baseline):
             if not arm:
                 continue
             gains, test = [r["gain"] for r in arm], paired_t([r["gain"] for r in arm])
-            lines.append(f"| {what} | {family}-w{width} | {len(arm)} | {mean_std([r['loss'] for r in arm], 4)} | "
+            lines.append(f"| {what} | {arm[0]['arm']} | {len(arm)} | {mean_std([r['loss'] for r in arm], 4)} | "
                          f"{mean_std(gains, 4, signed=True)} ({sum(g < 0 for g in gains)}/{len(gains)}) | "
                          f"{' '.join(f'{g:+.3f}' for g in gains)} | " +
                          (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))

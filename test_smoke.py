@@ -2187,10 +2187,12 @@ def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_pat
             if line.startswith("| attention |")]
     gains = offsets["nca-attention-only"]
     losses = [base + gain for base, gain in zip((1.50, 1.60, 1.55), gains)]
-    assert rows[0][:6] == ["attention", "nca-attention-only-w32", "3", study.mean_std(losses, 4),
+    assert rows[0][:6] == ["attention", "nca-attention-only", "3", study.mean_std(losses, 4),
                            f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f} (3/3)", "-0.030 -0.020 -0.040"]
     assert rows[1][1] == "nca-attention-only-w64" and [r[0] for r in rows] == ["attention", "attention"]
-    assert "| MLP | nca-mlp-only-w32 | 3 |" in table and "| attention + MLP | nca-w32 | 3 |" in table
+    assert "| MLP | nca-mlp-only | 3 |" in table and "| attention + MLP | nca | 3 |" in table
+    again = study.main(["carried", "--runs", str(tmp_path / "*_seed*"), str(tmp_path / "nca*_seed*"), "--out", out])
+    assert again == table  # a run two patterns match counts once
 
 
 def test_size_names_a_run_without_settings(tmp_path):
