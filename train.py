@@ -273,9 +273,10 @@ class PairData(Data):
                               for r in load_pairs(self.data_dir, split)] for split in ("train", "val")}
         safety.check_pairs_fit(self.pairs, self.data_dir, block_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        val = self.pairs["val"][:cfg.eval_iters * cfg.batch_size]  # this rank's share of each batch of --batch_size
-        self.val = [self.collate(val[i:i + cfg.batch_size][rank::world]) for i in range(0, len(val), cfg.batch_size)
-                    if len(val[i:i + cfg.batch_size]) > rank]
+        val = self.pairs["val"][:cfg.eval_iters * cfg.batch_size]
+        batches = iter(range(0, len(val), cfg.batch_size))  # batches of --batch_size, this rank's rows of each
+        self.val = validation_batches(lambda: self.collate(val[next(batches):][:cfg.batch_size]),
+                                      math.ceil(len(val) / cfg.batch_size), rank, world)
 
     def collate(self, pairs):
         """Pad to the longest pair with eot; targets are -1 on the prompt and the padding."""
@@ -567,9 +568,8 @@ def forward_backward(run, ddp):
         # on the device (not .item(): that would make the CPU wait for the GPU at every micro-step)
         totals = totals + torch.stack([loss.detach().double() * targets, targets.double(), tokens.double()])
     totals = ddp.sum(totals)
-    for p in run.model.parameters():  # DDP averaged over the ranks: the gradients hold sum / (full * world)
-        if p.grad is not None:
-            p.grad.mul_(full * ddp.world / totals[1])
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]  # DDP averaged them over the ranks:
+    torch._foreach_mul_(grads, (full * ddp.world / totals[1]).float())    # sum / (full * world) -> sum / targets
     loss_x_targets, targets, tokens = totals.tolist()  # the one wait for the GPU in a step
     return loss_x_targets / targets, int(tokens), data_time
 
