@@ -74,8 +74,9 @@ def sample_rules(rule_seeds, num_colors):
     """Rule weights for a batch of seeds (R,), float64: w1 (R, 4, C, 3, 3) in conv layout (out, in, ky, kx), w2
     (R, 16, 4) and w3 (R, C, 16) (out, in); and table, w1 as the engine's float32 lookup table (R, 9*C, 4). Every
     weight is an untruncated normal with std 1/sqrt(fan_in), fan_in = 9C, 4 and 16; w1 rounded to a multiple of
-    W1_QUANTUM, so that its sums are exact (README.md, "Design notes"). The authors' code differs twice (README.md,
-    "Where we differ"): Flax's lecun_normal truncates at 2 sigma, and its first convolution sees C + 2 channels."""
+    W1_QUANTUM, so that its sums are exact (README.md, "Design notes"). The authors' code differs twice (STUDY.md, "The
+    NCA data against the authors' code"): Flax's lecun_normal truncates at 2 sigma, its first convolution sees C + 2
+    channels."""
     C, R = num_colors, len(rule_seeds)
     n1, n2, n3 = HIDDEN1 * C * 9, HIDDEN2 * HIDDEN1, C * HIDDEN2
     z = random_normal(rule_seeds, RULE_WEIGHTS, n1 + n2 + n3)                   # float64
