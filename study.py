@@ -461,12 +461,13 @@ def paired_t(differences):
 
 
 def family_of(arm):
-    """An arm's name without its width suffix: nca-w256 and nca are the same stage 1 at two widths."""
-    return re.sub(r"-w\d+$", "", arm)
+    """An arm's name without its width and precision suffixes: nca-w256, nca-w512-bf16 and nca are the same stage 1
+    at three widths (the precision is read from the run's settings, not its name)."""
+    return re.sub(r"(-w\d+)?(-bf16|-fp16)?$", "", arm)
 
 
 def run_size(run_dir):
-    """(width, parameters) of a run's model, from the settings train.py writes beside the stage-2 log."""
+    """(width, parameters, autocast precision) of a run, from the settings train.py writes beside the stage-2 log."""
     settings = stage_settings(run_dir, "pretrain")
     if settings is None:
         raise FileNotFoundError(f"--runs: no {os.path.join(run_dir, 'pretrain', 'config.json')}; train.py writes it "
@@ -474,46 +475,57 @@ def run_size(run_dir):
     model_args = settings["model_args"]
     with torch.device("meta"):  # the shapes only: no memory, no initialisation
         model = GPT(ModelConfig(**model_args))
-    return model_args["n_embd"], model.num_params()
+    return model_args["n_embd"], model.num_params(), settings["config"].get("dtype", "float32")
 
 
 def size_rows(run_dirs, families, baseline="scratch"):
-    """Per run of the given families: its width, parameters, seed and stage-2 gain (final val loss - the baseline
-    family's run of the same width and seed). Runs without such a twin are named and left out."""
+    """Per run of the given families: its width, parameters, precision, seed and stage-2 gain (final val loss - the
+    baseline family's run of the same width, precision and seed: numbers made in different precisions do not pair).
+    Runs without such a twin are named and left out."""
     runs = []
     for run in run_dirs:
         arm, seed = arm_of(run)
         runs.append((run, family_of(arm), seed, *run_size(run), read_log(run, "pretrain")[2][-1]))
-    base = {(params, seed): loss for _, family, seed, _, params, loss in runs if family == baseline}
+    base = {(params, dtype, seed): loss for _, family, seed, _, params, dtype, loss in runs if family == baseline}
     rows = []
-    for run, family, seed, width, params, loss in runs:
+    for run, family, seed, width, params, dtype, loss in runs:
         if family not in families:
             continue
-        if (params, seed) not in base:
-            print(f"left out {run}: no {baseline} run of width {width} and seed {seed} to pair it with")
+        if (params, dtype, seed) not in base:
+            print(f"left out {run}: no {baseline} run of width {width}, {dtype} and seed {seed} to pair it with")
             continue
-        rows.append({"family": family, "arm": arm_of(run)[0], "width": width, "params": params, "seed": seed,
-                     "loss": loss, "gain": loss - base[params, seed]})
+        rows.append({"family": family, "arm": arm_of(run)[0], "width": width, "params": params, "dtype": dtype,
+                     "seed": seed, "loss": loss, "gain": loss - base[params, dtype, seed]})
     if not rows:
         raise ValueError(f"--runs: no run of {', '.join(families)} has a {baseline} twin of its width and seed")
     return rows
 
 
 def size_groups(rows):
-    """{(family, width, params): [gains in seed order]}, in family then width order."""
+    """{(family, width, params, precision): [gains in seed order]}, in family then width order."""
     groups = {}
-    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["seed"])):
-        groups.setdefault((r["family"], r["width"], r["params"]), []).append(r["gain"])
+    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["dtype"], r["seed"])):
+        groups.setdefault((r["family"], r["width"], r["params"], r["dtype"]), []).append(r["gain"])
     return groups
+
+
+def width_name(width, dtype):
+    """512, or 512 bfloat16 for a run in another precision than float32."""
+    return f"{width}" if dtype == "float32" else f"{width} {dtype}"
+
+
+def width_groups(rows):
+    """The (width, precision) pairs of the rows, by width, float32 first."""
+    return sorted({(r["width"], r["dtype"]) for r in rows}, key=lambda g: (g[0], g[1] != "float32", g[1]))
 
 
 def size_table(rows, baseline):
     lines = [f"| stage 1 | width | parameters | seeds | loss - {baseline}, same width and seed (lower in) | per seed | "
              f"paired t | two-sided p |", "|" + " --- |" * 8]
-    for (family, width, params), gains in size_groups(rows).items():
+    for (family, width, params, dtype), gains in size_groups(rows).items():
         test = paired_t(gains)
         lower = sum(g < 0 for g in gains)
-        lines.append(f"| {family} | {width} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} "
+        lines.append(f"| {family} | {width_name(width, dtype)} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} "
                      f"({lower}/{len(gains)}) | {' '.join(f'{g:+.3f}' for g in gains)} | " +
                      (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
     return "\n".join(lines)
@@ -526,7 +538,7 @@ def plot_size(rows, out, baseline):
 
     fig, ax = plt.subplots(figsize=(9, 5))
     families = list(dict.fromkeys(r["family"] for r in sorted(rows, key=lambda r: r["family"])))
-    for (family, _, params), gains in size_groups(rows).items():
+    for (family, _, params, _), gains in size_groups(rows).items():
         colour = f"C{families.index(family)}"
         shift = 1.06 ** (families.index(family) - (len(families) - 1) / 2)  # side by side, not on top of each other
         ax.scatter([params * shift] * len(gains), gains, color=colour, s=18, alpha=0.6)
@@ -562,10 +574,10 @@ def carried_table(rows, baseline):
     """Per width: the baseline's final loss, then each arm's: loss, loss - baseline of the same seed (lower in),
     per seed, paired t and p."""
     lines = []
-    for width in sorted({r["width"] for r in rows}):
-        here = [r for r in rows if r["width"] == width]
+    for width, dtype in width_groups(rows):
+        here = [r for r in rows if (r["width"], r["dtype"]) == (width, dtype)]
         base = {r["seed"]: r["loss"] - r["gain"] for r in here}  # the baseline's final loss, by seed
-        lines += [f"Width {width} ({here[0]['params']:,} parameters), {baseline} (nothing carried): final loss "
+        lines += [f"Width {width_name(width, dtype)} ({here[0]['params']:,} parameters), {baseline} (nothing carried): final loss "
                   f"{mean_std(list(base.values()), 4)} over {len(base)} seeds", "",
                   f"| carried into stage 2 | arm | seeds | final loss | loss - {baseline}, same seed (lower in) | "
                   f"per seed | paired t | two-sided p |", "|" + " --- |" * 8]
@@ -586,10 +598,10 @@ def plot_carried(rows, out, baseline):
     """One panel per width: the stage-2 gain over the baseline by what was carried, every seed a point (the same seed
     joined across arms), with the mean and std."""
     plt = pyplot()
-    widths = sorted({r["width"] for r in rows})
+    widths = width_groups(rows)
     fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths), 4), squeeze=False, sharey=True)
-    for ax, width in zip(axes[0], widths):
-        here = [r for r in rows if r["width"] == width]
+    for ax, (width, dtype) in zip(axes[0], widths):
+        here = [r for r in rows if (r["width"], r["dtype"]) == (width, dtype)]
         for seed in sorted({r["seed"] for r in here}):
             points = [(i + 1, r["gain"]) for i, family in enumerate(CARRIED) for r in here
                       if r["family"] == family and r["seed"] == seed]
@@ -602,7 +614,7 @@ def plot_carried(rows, out, baseline):
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(CARRIED) + 1), ["nothing\n(scratch)", *[w.replace(" + ", "\n+ ") for w in
                                                                          CARRIED.values()]])
-        ax.set_title(f"width {width} ({here[0]['params'] / 1e6:.1f}M parameters)")
+        ax.set_title(f"width {width_name(width, dtype)} ({here[0]['params'] / 1e6:.1f}M parameters)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"final stage-2 loss - {baseline}, same seed\n(below 0: stage 1 helped)")
     save_figure(fig, out)

@@ -1127,9 +1127,9 @@ def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsy
             settings = json.load(f)
         assert settings["model_args"] == ckpts[stage]["model_args"] and settings["config"] == ckpts[stage]["config"]
         assert (settings["nca_config"] is None) == (stage != "prepretrain")
-    width, params = study.run_size(str(tmp_path / "out"))
-    assert (width, params) == (ckpts["pretrain"]["model_args"]["n_embd"],
-                               sum(t.numel() for t in ckpts["pretrain"]["model"].values()))
+    width, params, dtype = study.run_size(str(tmp_path / "out"))
+    assert (width, params, dtype) == (ckpts["pretrain"]["model_args"]["n_embd"],
+                                      sum(t.numel() for t in ckpts["pretrain"]["model"].values()), "float32")
 
 
 def test_tokens_seen_counts_every_micro_batch(tmp_path, tiny_data, monkeypatch):
@@ -2140,11 +2140,11 @@ def test_two_sided_p_of_student_t():
     assert t == pytest.approx(-0.02 / (0.01 / math.sqrt(3))) and p == pytest.approx(study.two_sided_p(t, 2))
 
 
-def write_sized_run(run_dir, width, final_loss):
+def write_sized_run(run_dir, width, final_loss, dtype="float32"):
     write_log(run_dir, "pretrain", [0, 100], [5.0, final_loss])
     args = {**asdict(ModelConfig()), "vocab_size": 257, "n_embd": width}
     with open(os.path.join(run_dir, "pretrain", "config.json"), "w") as f:
-        json.dump({"model_args": args, "config": {}, "nca_config": None}, f)
+        json.dump({"model_args": args, "config": {"dtype": dtype}, "nca_config": None}, f)
 
 
 def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys):
@@ -2174,14 +2174,16 @@ def test_size_pairs_each_run_with_scratch_of_its_width_and_seed(tmp_path, capsys
 def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_path):
     offsets = {"nca": (-0.02, -0.01, -0.03), "nca-attention-only": (-0.03, -0.02, -0.04),
                "nca-mlp-only": (0.01, 0.02, 0)}
-    for width, suffix in ((32, ""), (64, "-w64")):
+    for width, suffix, dtype, shift in ((32, "", "float32", 0), (64, "-w64", "float32", 0),
+                                        (64, "-w64-bf16", "bfloat16", 0.5)):  # bf16 pairs with bf16 only
         for seed, base in ((0, 1.50), (1, 1.60), (2, 1.55)):
-            write_sized_run(str(tmp_path / f"scratch{suffix}_seed{seed}"), width, base)
+            write_sized_run(str(tmp_path / f"scratch{suffix}_seed{seed}"), width, base + shift, dtype)
             for arm, offset in offsets.items():
-                write_sized_run(str(tmp_path / f"{arm}{suffix}_seed{seed}"), width, base + offset[seed])
+                write_sized_run(str(tmp_path / f"{arm}{suffix}_seed{seed}"), width, base + shift + offset[seed], dtype)
     out = str(tmp_path / "carried.png")
     table = study.main(["carried", "--runs", str(tmp_path / "*_seed*"), "--out", out])
-    assert os.path.getsize(out) > 0 and table.count("Width ") == 2
+    assert os.path.getsize(out) > 0 and table.count("Width ") == 3
+    assert "Width 64 bfloat16 (" in table and "final loss 2.0500 ± 0.0500 over 3 seeds" in table
     assert "scratch (nothing carried): final loss 1.5500 ± 0.0500 over 3 seeds" in table
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
             if line.startswith("| attention |")]
@@ -2189,7 +2191,8 @@ def test_carried_pairs_each_component_arm_with_scratch_by_width_and_seed(tmp_pat
     losses = [base + gain for base, gain in zip((1.50, 1.60, 1.55), gains)]
     assert rows[0][:6] == ["attention", "nca-attention-only", "3", study.mean_std(losses, 4),
                            f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f} (3/3)", "-0.030 -0.020 -0.040"]
-    assert rows[1][1] == "nca-attention-only-w64" and [r[0] for r in rows] == ["attention", "attention"]
+    assert [r[1] for r in rows] == ["nca-attention-only", "nca-attention-only-w64", "nca-attention-only-w64-bf16"]
+    assert [r[4] for r in rows] == [rows[0][4]] * 3  # each paired with scratch of its own width and precision
     assert "| MLP | nca-mlp-only | 3 |" in table and "| attention + MLP | nca | 3 |" in table
     again = study.main(["carried", "--runs", str(tmp_path / "*_seed*"), str(tmp_path / "nca*_seed*"), "--out", out])
     assert again == table  # a run two patterns match counts once
