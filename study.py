@@ -525,8 +525,8 @@ def size_table(rows, baseline):
     for (family, width, params, dtype), gains in size_groups(rows).items():
         test = paired_t(gains)
         lower = sum(g < 0 for g in gains)
-        lines.append(f"| {family} | {width_name(width, dtype)} | {params:,} | {len(gains)} | {mean_std(gains, 4, signed=True)} "
-                     f"({lower}/{len(gains)}) | {' '.join(f'{g:+.3f}' for g in gains)} | " +
+        lines.append(f"| {family} | {width_name(width, dtype)} | {params:,} | {len(gains)} | "
+                     f"{mean_std(gains, 4, signed=True)} ({lower}/{len(gains)}) | {' '.join(f'{g:+.3f}' for g in gains)} | " +
                      (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
     return "\n".join(lines)
 
@@ -577,8 +577,8 @@ def carried_table(rows, baseline):
     for width, dtype in width_groups(rows):
         here = [r for r in rows if (r["width"], r["dtype"]) == (width, dtype)]
         base = {r["seed"]: r["loss"] - r["gain"] for r in here}  # the baseline's final loss, by seed
-        lines += [f"Width {width_name(width, dtype)} ({here[0]['params']:,} parameters), {baseline} (nothing carried): final loss "
-                  f"{mean_std(list(base.values()), 4)} over {len(base)} seeds", "",
+        lines += [f"Width {width_name(width, dtype)} ({here[0]['params']:,} parameters), {baseline} (nothing carried): "
+                  f"final loss {mean_std(list(base.values()), 4)} over {len(base)} seeds", "",
                   f"| carried into stage 2 | arm | seeds | final loss | loss - {baseline}, same seed (lower in) | "
                   f"per seed | paired t | two-sided p |", "|" + " --- |" * 8]
         for family, what in CARRIED.items():

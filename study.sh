@@ -134,6 +134,7 @@ for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
   (for arm in $ARMS; do run_arm $arm $seed; done) > $OUT/seed$seed.$(echo $ARMS | tr ' ' '+').log 2>&1 &
 done
 wait
-BASE=scratch; case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; *-w512\ *) BASE=scratch-w512 ;; *-bf16\ *) BASE=scratch-w512-bf16 ;; esac  # its own width
+BASE=scratch  # the scratch arm of the arms' own width and precision
+case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; *-w512\ *) BASE=scratch-w512 ;; *-w512-bf16\ *) BASE=scratch-w512-bf16 ;; esac
 RUNS=$(for arm in $BASE $ARMS; do echo "$OUT/${arm}_seed*"; done | sort -u)  # these arms against the baseline
 python study.py compare --runs $RUNS --stage pretrain --baseline $BASE --out $OUT/compare.png | tee $OUT/table.md
