@@ -526,7 +526,8 @@ def size_table(rows, baseline):
         test = paired_t(gains)
         lower = sum(g < 0 for g in gains)
         lines.append(f"| {family} | {width_name(width, dtype)} | {params:,} | {len(gains)} | "
-                     f"{mean_std(gains, 4, signed=True)} ({lower}/{len(gains)}) | {' '.join(f'{g:+.3f}' for g in gains)} | " +
+                     f"{mean_std(gains, 4, signed=True)} ({lower}/{len(gains)}) | "
+                     f"{' '.join(f'{g:+.3f}' for g in gains)} | " +
                      (f"{test[0]:+.2f} | {test[1]:.2f} |" if test else "- | - |"))
     return "\n".join(lines)
 
