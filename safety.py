@@ -445,9 +445,10 @@ def check_resume_world(checkpoint, ckpt_path, world):
                          f"it with as many (this job has {world}) to continue the same data order")
 
 
-def check_token_file(path, vocab_size, block_size, remake):
-    """A token split must hold more than a block and no id past the vocabulary (on CUDA a bad id is an assert)."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+def check_token_file(file, vocab_size, block_size, remake):
+    """A token split (an open file) must hold more than a block and no id past the vocabulary (on CUDA a bad id is
+    an assert)."""
+    path, tokens = file.name, np.memmap(file, dtype=np.uint16, mode="r")
     if len(tokens) <= block_size + 1:
         raise ValueError(f"{path} holds {len(tokens)} tokens, too few for --block_size {block_size}")
     if int(tokens.max()) >= vocab_size:

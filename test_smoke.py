@@ -1239,6 +1239,34 @@ def test_training_lowers_the_loss_and_checkpoint_rebuilds_from_model_args(tmp_pa
     assert train.estimate_loss(model, data, torch.autocast("cpu", enabled=False)) == pytest.approx(log[-1]["val_loss"], abs=1e-5)
 
 
+def remade_behind_the_run(folder):
+    """What a prepare into a folder a run reads does: new train.bin and val.bin (here all id 7, twice as long)
+    written beside the old ones and renamed into place."""
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        np.full(os.path.getsize(path), 7, dtype=np.uint16).tofile(path + ".new")
+        os.replace(path + ".new", path)
+
+
+def test_a_run_reads_the_data_it_checked_when_a_prepare_remakes_the_folder_meanwhile(tmp_path, tiny_data):
+    cfg = train.TrainConfig(data_dir=tiny_data, batch_size=3, device="cpu", eval_iters=2)
+    data = train.TokenData("tiny", cfg, cfg.batch_size, block_size=32)
+    state = data.state_dict()
+    before = data.get_batch("train")
+    remade_behind_the_run(os.path.join(tiny_data, "tiny"))
+    data.load_state_dict(state)
+    after = data.get_batch("train")
+    assert torch.equal(before[0], after[0]) and (after[0] != 7).any()  # the same windows of the same files
+    prepare_nca_rows(tmp_path / "data" / "rows", *NCA_ROW_FLAGS)
+    cfg = train.TrainConfig(data_dir=str(tmp_path / "data"), batch_size=4, device="cpu", eval_iters=2)
+    rows = train.NCARowData("rows", cfg, batch_size=4, block_size=48)
+    first_rows = read_rows(tmp_path / "data" / "rows", "train", 49)[:4, :-1]
+    remade_behind_the_run(tmp_path / "data" / "rows")
+    assert torch.equal(rows.get_batch("train")[0], first_rows)
+    rows.close()
+    assert all(file.closed for file in rows.files.values())
+
+
 def test_finetune_loss_ignores_prompt_tokens(tiny_data):
     cfg = train.TrainConfig(data_dir=tiny_data, batch_size=3, device="cpu")
     data = train.PairData("arith", cfg, cfg.batch_size, block_size=48, tokenizer="bytes")

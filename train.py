@@ -136,6 +136,7 @@ class Data:
     set is eval_iters batches of --batch_size sequences whatever the number of processes: rank r of `world` keeps
     rows r, r + world, ... of each (validation_batches), and estimate_loss sums over the ranks."""
     nca_cfg = None  # the NCA config of stage-1 NCA data (for the probe and the checkpoint), else None
+    files = {}  # the prepared files a source reads (open_splits)
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -147,7 +148,14 @@ class Data:
         """Wait until the next training batch can be taken (made ahead in a thread: NCA)."""
 
     def close(self, wait=True):
-        pass
+        for file in self.files.values():
+            file.close()
+
+
+def open_splits(data_dir):
+    """train.bin and val.bin of a prepared folder, opened once for the whole run: a prepare that remakes the folder
+    meanwhile writes new files and renames them into place, so this run goes on reading the files it checked."""
+    return {split: open(os.path.join(data_dir, f"{split}.bin"), "rb") for split in ("train", "val")}
 
 
 class NCAData(Data):
@@ -196,20 +204,20 @@ class TokenData(Data):
 
     def __init__(self, name, cfg, batch_size, block_size, rank=0, world=1):
         self.data_dir, meta = prepared(cfg.data_dir, name, "tokens")
+        self.files = open_splits(self.data_dir)
         self.name, self.tokenizer, self.eot_token = name, meta["tokenizer"], meta["eot_token"]
         self.vocab_size, self.block_size, self.batch_size = meta["vocab_size"], block_size, batch_size
         self.device, self.world, self.own_rows = cfg.device, world, slice(rank * batch_size, (rank + 1) * batch_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        for split in ("train", "val"):  # a bad id would crash the first forward (on CUDA: an assert)
-            safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
-                                    prepare_command(self.data_dir, name))
+        for split, file in self.files.items():  # a bad id would crash the first forward (on CUDA: an assert)
+            safety.check_token_file(file, self.vocab_size, block_size, prepare_command(self.data_dir, name))
         fixed = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
         self.val = validation_batches(lambda: self.batch("val", fixed, cfg.batch_size), cfg.eval_iters, rank, world)
 
     def batch(self, split, generator, num_rows, keep=slice(None)):
         """Windows at num_rows random starts, of which the rows `keep` are read."""
         # a new memmap per batch: nanoGPT's way to avoid numpy's memmap holding on to memory
-        data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        data = np.memmap(self.files[split], dtype=np.uint16, mode="r")
         starts = torch.randint(len(data) - self.block_size - 1, (num_rows,), generator=generator)[keep]
         rows = torch.stack([torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64)) for i in starts])
         return to_device((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()), self.device)
@@ -227,22 +235,21 @@ class NCARowData(Data):
 
     def __init__(self, name, cfg, batch_size, block_size, rank=0, world=1):
         self.data_dir, meta = prepared(cfg.data_dir, name, "tokens")
+        self.files = open_splits(self.data_dir)
         self.name, self.tokenizer, self.eot_token, self.vocab_size = name, None, None, meta["vocab_size"]
         self.nca_cfg = nca.NCAConfig(**meta["nca_config"])
         self.row_len, self.block_size = meta["row_len"], block_size
         self.batch_size, self.rank, self.world, self.device = batch_size, rank, world, cfg.device
         self.next_row = 0  # the first row of the ranks' next batches
-        for split in ("train", "val"):  # a bad id would crash the first forward (on CUDA: an assert)
-            safety.check_token_file(os.path.join(self.data_dir, f"{split}.bin"), self.vocab_size, block_size,
-                                    prepare_command(self.data_dir, name))
+        for split, file in self.files.items():  # a bad id would crash the first forward (on CUDA: an assert)
+            safety.check_token_file(file, self.vocab_size, block_size, prepare_command(self.data_dir, name))
         starts = iter(range(0, cfg.eval_iters * cfg.batch_size, cfg.batch_size))
         self.val = validation_batches(lambda: self.rows("val", next(starts), cfg.batch_size), cfg.eval_iters, rank,
                                       world)
 
     def rows(self, split, start, num_rows):
         """Rows start .. start + num_rows - 1 of a split (modulo its length) as (x, y)."""
-        data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        data = data.reshape(-1, self.row_len)
+        data = np.memmap(self.files[split], dtype=np.uint16, mode="r").reshape(-1, self.row_len)
         rows = torch.from_numpy(data[np.arange(start, start + num_rows) % len(data), :self.block_size + 1]
                                 .astype(np.int64))
         return to_device(nca.inputs_and_targets(rows, self.nca_cfg), self.device)  # the first frame masked
