@@ -2863,10 +2863,13 @@ def test_meta_json_fields_of_the_wrong_type_or_range_are_refused_naming_the_file
     path = data_dir / "corpus" / "meta.json"
     good = json.loads(path.read_text())
     for key, value in (("vocab_size", "257"), ("vocab_size", 257.5), ("vocab_size", 10**10), ("vocab_size", True),
-                       ("eot_token", 99999), ("eot_token", "x"), ("eot_token", -1), ("tokenizer", "nope")):
+                       ("eot_token", 99999), ("eot_token", "x"), ("eot_token", -1), ("tokenizer", "nope"),
+                       ("vocab_size", 300), ("eot_token", 3)):  # these two: in range, but not the tokenizer's
         path.write_text(json.dumps({**good, key: value}))
         err = refusal(flags + ["--stage", "pretrain"], capsys)
         assert f"corpus/meta.json: {key} must be " in err and "python -m data.hf.prepare" in err, err
+    path.write_text(json.dumps({**good, "tokenizer": "gpt2"}))  # ids of the byte tokenizer, named gpt2
+    assert "vocab_size must be 50257, the vocabulary of tokenizer gpt2, got 257" in refusal(flags, capsys)
     path.write_text(json.dumps(good))
     task_meta = data_dir / "task" / "meta.json"
     task_meta.write_text(json.dumps({k: v for k, v in json.loads(task_meta.read_text()).items() if k != "stop"}))

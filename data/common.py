@@ -40,6 +40,7 @@ import tiktoken
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKENIZERS = ("bytes", "gpt2")
+TOKENIZER_IDS = {"bytes": (257, 256), "gpt2": (50257, 50256)}  # (vocab_size, eot_token) each tokenizer writes
 EOT_TEXT = "<|endoftext|>"
 UINT16_LIMIT = 2**16  # uint16 holds ids 0 .. 65535
 OFFLINE_DATA = ("stdlib", "dyck", "random", "arith")  # made from what is on this machine: prepared on first use
@@ -491,6 +492,11 @@ def check_prepared(data_dir, name=None):
     else:
         check_field(meta, "eot_token", token_ids, lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
         check_field(meta, "tokenizer", f"one of {', '.join(TOKENIZERS)}", lambda v: v in TOKENIZERS, path, remake)
+        vocab_size, eot_token = TOKENIZER_IDS[meta["tokenizer"]]  # a decoder of another vocabulary reads nonsense
+        check_field(meta, "vocab_size", f"{vocab_size}, the vocabulary of tokenizer {meta['tokenizer']}",
+                    lambda v: v == vocab_size, path, remake)
+        check_field(meta, "eot_token", f"{eot_token}, the <|endoftext|> id of tokenizer {meta['tokenizer']}",
+                    lambda v: v == eot_token, path, remake)
     check_files(meta, data_dir, ("train.bin", "val.bin"), remake)
     return meta
 
