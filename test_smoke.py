@@ -1288,10 +1288,12 @@ def interrupt_when_logged(flags, log_path, sig, at_iter):
     """Start train.py with flags, send sig once the log shows at_iter, wait; -> (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log_path.exists() and any(r["iter"] >= at_iter for r in read_log(log_path)):
-            break
+    deadline = time.time() + 600  # generous: a loaded machine starts slowly
+    while not (log_path.exists() and any(r["iter"] >= at_iter for r in read_log(log_path))):
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"train.py did not log iteration {at_iter} (exit code {proc.wait()}): "
+                                 f"{proc.communicate()[1][-2000:]}")
         time.sleep(0.02)
     proc.send_signal(sig)
     return proc.wait(), proc.communicate()[1]
