@@ -47,6 +47,9 @@
 #   nca-lr5e-4-w512-bf16, nca-lr2e-3-w512-bf16
 #                      the width-512 arms above with bfloat16 autocast in both stages (--dtype bfloat16, ~2.6x faster
 #                      on a CPU with AMX); they pair with each other only, never with the float32 runs
+#   scratch-lr5e-4-w512-bf16
+#                      scratch-w512-bf16 at stage-2 rate 5e-4, the rate the NCA arm's probe preferred: is it better
+#                      for scratch too?
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
@@ -119,6 +122,9 @@ run_arm() {  # run_arm <arm> <seed>
     scratch-w512-bf16)
                      python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 --seed $seed --out_dir $dir ;;
     nca-w512-bf16)   python train.py $COMMON $STAGE1 $STAGE2 $WIDER $BF16 --seed $seed --out_dir $dir ;;
+    scratch-lr5e-4-w512-bf16)
+                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 --pretrain_lr 5e-4 --seed $seed \
+                       --out_dir $dir ;;
     dyck-w512)       python train.py $COMMON $STAGE1 $STAGE2 $WIDER --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
@@ -135,6 +141,8 @@ for seed in $SEEDS; do  # seeds side by side, the arms of one seed in order
 done
 wait
 BASE=scratch  # the scratch arm of the arms' own width and precision
-case " $ARMS " in *-w256\ *) BASE=scratch-w256 ;; *-w512\ *) BASE=scratch-w512 ;; *-w512-bf16\ *) BASE=scratch-w512-bf16 ;; esac
+case " $ARMS " in
+  *-w256\ *) BASE=scratch-w256 ;; *-w512\ *) BASE=scratch-w512 ;; *-w512-bf16\ *) BASE=scratch-w512-bf16 ;;
+esac
 RUNS=$(for arm in $BASE $ARMS; do echo "$OUT/${arm}_seed*"; done | sort -u)  # these arms against the baseline
 python study.py compare --runs $RUNS --stage pretrain --baseline $BASE --out $OUT/compare.png | tee $OUT/table.md
