@@ -504,7 +504,7 @@ def size_rows(run_dirs, families, baseline="scratch"):
 def size_groups(rows):
     """{(family, width, params, precision): [gains in seed order]}, in family then width order."""
     groups = {}
-    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["dtype"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["dtype"] != "float32", r["dtype"], r["seed"])):
         groups.setdefault((r["family"], r["width"], r["params"], r["dtype"]), []).append(r["gain"])
     return groups
 

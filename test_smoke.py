@@ -2706,7 +2706,7 @@ def test_every_command_in_the_docs_parses(monkeypatch):
     itself is replaced by a recorder, so nothing trains)."""
     calls = []
     monkeypatch.setattr(safety, "validate", lambda *args: None)  # data and checkpoints need not exist here
-    for name in ("run_compare", "run_probes", "demo", "print_stats"):
+    for name in ("run_compare", "run_probes", "run_size_command", "run_carried", "demo", "print_stats"):
         monkeypatch.setattr(study, name, lambda *args, **kw: calls.append("study"))
     for name in ("bench_nca", "bench_train", "gpu_check"):
         monkeypatch.setattr(bench, name, lambda *args, **kw: calls.append("bench"))
