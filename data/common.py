@@ -486,22 +486,20 @@ def check_prepared(data_dir, name=None):
     meta, path = load_meta(data_dir, name), os.path.join(data_dir, "meta.json")
     check_field(meta, "vocab_size", f"a whole number from 1 to {UINT16_LIMIT} (ids are uint16)",
                 lambda v: whole_number(v, 1, UINT16_LIMIT), path, remake)
-    token_ids = f"a token id, a whole number from 0 to vocab_size - 1 = {meta['vocab_size'] - 1}"
     if meta.get("kind") == NCA_ROWS:
-        check_row_fields(meta, data_dir, token_ids, remake)
+        check_row_fields(meta, data_dir, remake)
     else:
-        check_field(meta, "eot_token", token_ids, lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
         check_field(meta, "tokenizer", f"one of {', '.join(TOKENIZERS)}", lambda v: v in TOKENIZERS, path, remake)
         vocab_size, eot_token = TOKENIZER_IDS[meta["tokenizer"]]  # a decoder of another vocabulary reads nonsense
         check_field(meta, "vocab_size", f"{vocab_size}, the vocabulary of tokenizer {meta['tokenizer']}",
                     lambda v: v == vocab_size, path, remake)
         check_field(meta, "eot_token", f"{eot_token}, the <|endoftext|> id of tokenizer {meta['tokenizer']}",
-                    lambda v: v == eot_token, path, remake)
+                    lambda v: whole_number(v, eot_token, eot_token), path, remake)
     check_files(meta, data_dir, ("train.bin", "val.bin"), remake)
     return meta
 
 
-def check_row_fields(meta, data_dir, token_ids, remake):
+def check_row_fields(meta, data_dir, remake):
     """The fields of a folder of NCA rows (data/nca/prepare.py): rows of row_len = seq_len + 1 tokens, as many in each
     file as meta.json says, START and END inside the vocabulary, the masked targets inside a row, the NCA config an
     object (train.py checks its values)."""
@@ -509,6 +507,7 @@ def check_row_fields(meta, data_dir, token_ids, remake):
     check_field(meta, "seq_len", "a whole number >= 1", lambda v: whole_number(v, 1, most), path, remake)
     check_field(meta, "row_len", f"seq_len + 1 = {meta['seq_len'] + 1}", lambda v: v == meta["seq_len"] + 1, path,
                 remake)
+    token_ids = f"a token id, a whole number from 0 to vocab_size - 1 = {meta['vocab_size'] - 1}"
     for key in ("start_token", "end_token"):
         check_field(meta, key, token_ids, lambda v: whole_number(v, 0, meta["vocab_size"] - 1), path, remake)
     check_field(meta, "masked_targets", f"a whole number from 0 to seq_len = {meta['seq_len']}",
