@@ -50,6 +50,8 @@
 #   scratch-lr5e-4-w512-bf16
 #                      scratch-w512-bf16 at stage-2 rate 5e-4, the rate the NCA arm's probe preferred: is it better
 #                      for scratch too?
+#   nca-lr2.5e-4-w512-bf16, scratch-lr2.5e-4-w512-bf16
+#                      one step lower, both arms: 5e-4 was the lowest rate of the probe and it won for both
 # exploration (one knob of the nca or dyck arm changed each):
 #   nca-10colours      the paper's alphabet and band: 10 colours, band (0.5, 1)
 #   nca-lr1e-3         stage-1 learning rate 1e-3 instead of 2e-4
@@ -99,6 +101,8 @@ run_arm() {  # run_arm <arm> <seed>
                      from_nca_stage1 $arm $seed $dir ;;
     nca-attention-only-w512-bf16|nca-mlp-only-w512-bf16|nca-lr5e-4-w512-bf16|nca-lr2e-3-w512-bf16)
                      from_nca_stage1 $arm $seed $dir ;;
+    nca-lr2.5e-4-w512-bf16)
+                     from_nca_stage1 $arm $seed $dir ;;
     nca-shuffled)    python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_data nca-shuffled --seed $seed --out_dir $dir ;;
     nca-pool)        python train.py $COMMON $STAGE1 $STAGE2 --nca_num_rules 800 --seed $seed --out_dir $dir ;;
     nca-torch-init)  python train.py $COMMON $STAGE1 $STAGE2 --embed_init torch --seed $seed --out_dir $dir ;;
@@ -122,9 +126,9 @@ run_arm() {  # run_arm <arm> <seed>
     scratch-w512-bf16)
                      python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 --seed $seed --out_dir $dir ;;
     nca-w512-bf16)   python train.py $COMMON $STAGE1 $STAGE2 $WIDER $BF16 --seed $seed --out_dir $dir ;;
-    scratch-lr5e-4-w512-bf16)
-                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 --pretrain_lr 5e-4 --seed $seed \
-                       --out_dir $dir ;;
+    scratch-lr5e-4-w512-bf16|scratch-lr2.5e-4-w512-bf16)
+                     python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 \
+                       --pretrain_lr $(echo $arm | sed 's/scratch-lr\(.*\)-w512.*/\1/') --seed $seed --out_dir $dir ;;
     dyck-w512)       python train.py $COMMON $STAGE1 $STAGE2 $WIDER --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;

@@ -2740,10 +2740,10 @@ def test_study_sh_documents_exactly_the_arms_it_runs():
     # study.sh's header lists the arms a user can put in ARMS; run_arm's case statement is what runs them
     text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.sh")).read()
     header = text[text.index("# Every arm then"):text.index("# Then study.py compare")]
-    documented = {arm for line in re.findall(r"^#   ([a-z][a-z0-9-]*(?:, [a-z][a-z0-9-]*)*)(?:\s|$)", header, re.M)
+    documented = {arm for line in re.findall(r"^#   ([a-z][a-z0-9.-]*(?:, [a-z][a-z0-9.-]*)*)(?:\s|$)", header, re.M)
                   for arm in line.split(", ")}
     body = text[text.index("run_arm() {"):text.index("esac")]
-    runnable = {arm for labels in re.findall(r"^    ([a-z][a-z0-9|-]*)\)", body, re.M) for arm in labels.split("|")}
+    runnable = {arm for labels in re.findall(r"^    ([a-z][a-z0-9.|-]*)\)", body, re.M) for arm in labels.split("|")}
     assert documented == runnable, (documented - runnable, runnable - documented)
     assert {"scratch", "nca", "nca-band-mid", "dyck-w256"} <= runnable
 
