@@ -2865,7 +2865,8 @@ def test_meta_json_fields_of_the_wrong_type_or_range_are_refused_naming_the_file
     path = data_dir / "corpus" / "meta.json"
     good = json.loads(path.read_text())
     for key, value in (("vocab_size", "257"), ("vocab_size", 257.5), ("vocab_size", 10**10), ("vocab_size", True),
-                       ("eot_token", 99999), ("eot_token", "x"), ("eot_token", -1), ("eot_token", 256.0), ("tokenizer", "nope"),
+                       ("eot_token", 99999), ("eot_token", "x"), ("eot_token", -1), ("eot_token", 256.0),
+                       ("tokenizer", "nope"),
                        ("vocab_size", 300), ("eot_token", 3)):  # these two: in range, but not the tokenizer's
         path.write_text(json.dumps({**good, key: value}))
         err = refusal(flags + ["--stage", "pretrain"], capsys)
