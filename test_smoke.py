@@ -1127,6 +1127,7 @@ def test_three_stages_chain_and_carry_the_transformer(tmp_path, tiny_data, capsy
             settings = json.load(f)
         assert settings["model_args"] == ckpts[stage]["model_args"] and settings["config"] == ckpts[stage]["config"]
         assert (settings["nca_config"] is None) == (stage != "prepretrain")
+        assert settings["torch"] == ckpts[stage]["torch"] == torch.__version__  # what made the numbers
     width, params, dtype = study.run_size(str(tmp_path / "out"))
     assert (width, params, dtype) == (ckpts["pretrain"]["model_args"]["n_embd"],
                                       sum(t.numel() for t in ckpts["pretrain"]["model"].values()), "float32")

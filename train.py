@@ -19,7 +19,8 @@ safety.py and the machine side of runtime.py (torchrun, GPU copies, prefetch, sp
   python train.py --resume                          # continue an interrupted run where it stopped
   torchrun --standalone --nproc_per_node=4 train.py # 4 GPUs share each step's batch
 
-Each stage writes out_dir/<stage>/ckpt.pt (the latest state), log.jsonl (a line per evaluation) and config.json.
+Each stage writes out_dir/<stage>/ckpt.pt (the latest state), log.jsonl (a line per evaluation) and config.json (its
+settings and torch version).
 """
 import argparse
 import dataclasses
@@ -511,9 +512,10 @@ def restore(run, resume, cfg, ddp):
 
 def settings(run, cfg):
     """The run's settings: the config that rebuilds the model (model_args), the training flags, the NCA config of
-    the stage's NCA data (the flags', or an NCA rows folder's)."""
+    the stage's NCA data (the flags', or an NCA rows folder's), and the torch version that ran it (numbers drift
+    between versions)."""
     return {"model_args": asdict(run.model.config), "config": asdict(cfg),
-            "nca_config": asdict(run.data.nca_cfg) if run.data.nca_cfg else None}
+            "nca_config": asdict(run.data.nca_cfg) if run.data.nca_cfg else None, "torch": str(torch.__version__)}
 
 
 def save(run, cfg, ddp):
