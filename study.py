@@ -501,10 +501,15 @@ def size_rows(run_dirs, families, baseline="scratch"):
     return rows
 
 
+def precision_order(dtype):
+    """Sort key of a precision: float32 first, then the others by name."""
+    return dtype != "float32", dtype
+
+
 def size_groups(rows):
     """{(family, width, params, precision): [gains in seed order]}, in family then width order."""
     groups = {}
-    for r in sorted(rows, key=lambda r: (r["family"], r["params"], r["dtype"] != "float32", r["dtype"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["family"], r["params"], precision_order(r["dtype"]), r["seed"])):
         groups.setdefault((r["family"], r["width"], r["params"], r["dtype"]), []).append(r["gain"])
     return groups
 
@@ -516,7 +521,7 @@ def width_name(width, dtype):
 
 def width_groups(rows):
     """The (width, precision) pairs of the rows, by width, float32 first."""
-    return sorted({(r["width"], r["dtype"]) for r in rows}, key=lambda g: (g[0], g[1] != "float32", g[1]))
+    return sorted({(r["width"], r["dtype"]) for r in rows}, key=lambda g: (g[0], precision_order(g[1])))
 
 
 def size_table(rows, baseline):

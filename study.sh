@@ -74,6 +74,8 @@ STAGE2="--pretrain_iters 500 --pretrain_lr 2e-3 --pretrain_data stdlib"         
 export OMP_NUM_THREADS=1  # small models: one thread per run and runs side by side use the cores best
 mkdir -p $OUT
 
+lr_of() { echo $1 | sed 's/^[a-z]*-lr\(.*\)-w512.*/\1/'; }  # lr_of nca-lr5e-4-w512-bf16 prints 5e-4
+
 from_nca_stage1() {  # from_nca_stage1 <arm> <seed> <dir>: stage 2 only, from the stage-1 checkpoint of the width's nca arm
   local arm=$1 seed=$2 dir=$3 width="" flags="" reinit=embedding,head lr=""
   if [[ $arm == *-w256 ]]; then width=-w256 flags=$WIDE; fi
@@ -81,7 +83,7 @@ from_nca_stage1() {  # from_nca_stage1 <arm> <seed> <dir>: stage 2 only, from th
   if [[ $arm == *-bf16 ]]; then width=$width-bf16 flags="$flags $BF16"; fi
   if [[ $arm == nca-attention-only* ]]; then reinit=embedding,head,mlp; fi
   if [[ $arm == nca-mlp-only* ]]; then reinit=embedding,head,attention; fi
-  if [[ $arm == nca-lr* ]]; then lr="--pretrain_lr $(echo $arm | sed 's/nca-lr\(.*\)-w512.*/\1/')"; fi
+  if [[ $arm == nca-lr* ]]; then lr="--pretrain_lr $(lr_of $arm)"; fi
   python train.py $COMMON $STAGE1 $flags --stage prepretrain --seed $seed --out_dir $OUT/nca${width}_seed$seed
   python train.py $COMMON $STAGE2 $flags $lr --stage pretrain --reinit $reinit \
     --init_from $OUT/nca${width}_seed$seed/prepretrain/ckpt.pt --seed $seed --out_dir $dir
@@ -128,7 +130,7 @@ run_arm() {  # run_arm <arm> <seed>
     nca-w512-bf16)   python train.py $COMMON $STAGE1 $STAGE2 $WIDER $BF16 --seed $seed --out_dir $dir ;;
     scratch-lr5e-4-w512-bf16|scratch-lr2.5e-4-w512-bf16)
                      python train.py $COMMON $STAGE2 --prepretrain_iters 0 $WIDER $BF16 \
-                       --pretrain_lr $(echo $arm | sed 's/scratch-lr\(.*\)-w512.*/\1/') --seed $seed --out_dir $dir ;;
+                       --pretrain_lr $(lr_of $arm) --seed $seed --out_dir $dir ;;
     dyck-w512)       python train.py $COMMON $STAGE1 $STAGE2 $WIDER --prepretrain_data dyck --seed $seed --out_dir $dir ;;
     nca-10colours)   python train.py $COMMON $STAGE1 $STAGE2 --num_colors 10 --band 0.5 1.0 --seed $seed --out_dir $dir ;;
     nca-lr1e-3)      python train.py $COMMON $STAGE1 $STAGE2 --prepretrain_lr 1e-3 --seed $seed --out_dir $dir ;;
